@@ -1,0 +1,67 @@
+"""Method registry: ``--method NAME`` -> model factory, presets, train-step kind.
+
+Each ``jaxspec/models/<name>.py`` calls :func:`register` at import time; ``jaxspec.models``
+imports every method module, so ``get(name)`` sees them all.
+
+Model contract (supervised spectral reconstruction): ``model.apply(variables, rgb, train=...)``
+maps a (B, H, W, 3) float32 RGB batch to a (B, H, W, C) float32 spectral cube. Models that
+keep BatchNorm statistics put them in the ``batch_stats`` collection; models that need
+randomness at train time declare the PRNG stream names in ``rng_streams``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Mapping
+
+from jaxspec.configs.base import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    make_model: Callable[[Mapping[str, Any]], Any]       # config.model -> flax.linen.Module
+    presets: Mapping[str, Callable[[], Config]]            # "paper", "cpu", "smoke", ...
+    step_kind: str = "supervised"                          # engine step family
+    rng_streams: tuple[str, ...] = ()                      # extra PRNG streams for train
+    description: str = ""
+    reference: str = ""                                     # citation of the paper
+    paper_params_m: float | None = None                     # params the paper reports (M)
+    paper_gflops: float | None = None                       # FLOPs the paper reports (G)
+    paper_gflops_input: tuple[int, int] | None = None       # input size of that FLOP figure
+    stride: int = 1                                         # inputs are padded to a multiple
+
+    def config(self, preset: str = "cpu", **overrides) -> Config:
+        if preset not in self.presets:
+            raise ValueError(
+                f"method {self.name!r} has no preset {preset!r}; available: {sorted(self.presets)}")
+        cfg = self.presets[preset]()
+        return cfg.replace(**overrides) if overrides else cfg
+
+    def model(self, config: Config | None = None):
+        cfg = config if config is not None else self.config("cpu")
+        return self.make_model(dict(cfg.model))
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_all() -> None:
+    importlib.import_module("jaxspec.models")
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Method:
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
