@@ -30,6 +30,10 @@ class Method:
     paper_gflops: float | None = None                       # FLOPs the paper reports (G)
     paper_gflops_input: tuple[int, int] | None = None       # input size of that FLOP figure
     stride: int = 1                                         # inputs are padded to a multiple
+    # Options read by the step builder of ``step_kind`` (see ``jaxspec.train.steps``), e.g. for
+    # kind "groups": ``{"param_labels": fn(params) -> label tree, "losses": {label: loss_fn},
+    # "groups": {label: {"lr": ...} | None}}`` (None = frozen group).
+    step_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def config(self, preset: str = "cpu", **overrides) -> Config:
         if preset not in self.presets:
@@ -47,8 +51,18 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Add ``method`` to the registry (re-registering a name replaces it, so reloads work)."""
+    if not isinstance(method, Method):
+        raise ValueError(f"register() expects a jaxspec.registry.Method, got {type(method).__name__}")
+    if method.stride < 1:
+        raise ValueError(f"method {method.name!r}: stride must be >= 1, got {method.stride}")
     _REGISTRY[method.name] = method
     return method
+
+
+def unregister(name: str) -> None:
+    """Remove ``name`` (used by tests that register throw-away methods)."""
+    _REGISTRY.pop(name, None)
 
 
 def _load_all() -> None:

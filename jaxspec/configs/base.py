@@ -6,8 +6,11 @@ A method's presets (``paper``, ``cpu``, ``smoke``) differ only in schedule and d
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import types
+import typing
 from typing import Any, Mapping
 
 
@@ -28,7 +31,10 @@ class Config:
     batch_size: int = 8
     rgb_norm: str = "minmax"          # "minmax" (MST++), "none", "div255"
     eval_crop_border: int = 0         # NTIRE 2022 protocol uses 128 on 482x512 images
-    max_eval_images: int | None = None
+    max_eval_images: int | None = None  # periodic validation during training uses this many
+    eval_tile: int | None = None      # tile size for full-image inference (None = whole image)
+    eval_tile_overlap: int = 32       # overlap between tiles (pixels)
+    eval_ensemble: bool = False       # x8 flip/transpose self-ensemble at evaluation
     # --- optimisation --------------------------------------------------------------------
     steps: int = 1000
     optimizer: str = "adam"           # "adam" | "adamw"
@@ -63,3 +69,88 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         return cls(**dict(d))
+
+
+def _parse_literal(text: str) -> Any:
+    """Python/JSON literal if it parses (``3``, ``1e-4``, ``[1, 2]``, ``None``), else the string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert ``value`` (already literal-parsed) to the field type ``hint``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ValueError:
+                pass
+        raise ValueError(f"--set {key}: cannot interpret {value!r} as {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"--set {key}: expected a bool (true/false), got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"--set {key}: expected an int, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"--set {key}: expected a float, got {value!r}")
+        return float(value)
+    if hint is str:
+        return str(value)
+    if origin in (Mapping, dict) or hint in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"--set {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def apply_overrides(config: Config, overrides: "list[str] | Mapping[str, Any]") -> Config:
+    """Apply ``key=value`` strings (the CLI's ``--set``) or a mapping to ``config``.
+
+    Values are typed by the :class:`Config` field annotation (``steps=100`` -> int,
+    ``grad_clip=none`` -> None, ``lr=1e-4`` -> float). Dotted keys reach into the mapping fields:
+    ``model.n_feat=16`` or ``extra.lambda_adv=0.1`` (values there are parsed as Python literals).
+    Unknown keys raise ``ValueError`` naming the key and the valid ones.
+    """
+    hints = typing.get_type_hints(Config)
+    if isinstance(overrides, Mapping):
+        items = [(str(k), v, False) for k, v in overrides.items()]
+    else:
+        items = []
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+            k, v = item.split("=", 1)
+            items.append((k.strip(), _parse_literal(v), True))
+    updates: dict[str, Any] = {}
+    for key, value, _ in items:
+        head, _, rest = key.partition(".")
+        if head not in hints:
+            raise ValueError(f"unknown config key {head!r}; valid keys: {sorted(hints)}")
+        if rest:
+            if head not in ("model", "extra"):
+                raise ValueError(f"config key {head!r} is not a mapping; cannot set {key!r}")
+            base = dict(updates.get(head, getattr(config, head)))
+            base[rest] = value
+            updates[head] = base
+        else:
+            updates[head] = _coerce(value, hints[head], key)
+    return config.replace(**updates) if updates else config

@@ -1,0 +1,310 @@
+"""Benchmark every registered method: params, FLOPs, inference time, train throughput, memory.
+
+    python bench/benchmark.py                       # all methods, preset cpu|paper by backend
+    python bench/benchmark.py --methods mstpp --preset smoke
+    python bench/benchmark.py --workdir mstpp=runs/mstpp   # + metrics of a trained run on CAVE
+
+Per method (each in a fresh subprocess so peak memory is its own):
+
+* ``params``: entries of ``variables["params"]``.
+* ``GFLOPs``: XLA ``cost_analysis()`` of one forward pass (multiply-add = 2 FLOPs) on a
+  482x512 RGB image (padded to the method's stride, as inference does) and at the paper's
+  FLOP input size (halved to compare with papers' MAC-based "FLOPs").
+* ``infer ms``: median wall time of the jitted forward on one 482x512 image (after warm-up).
+* ``train steps/s``: jitted train step at the preset's crop and batch on fixed random data
+  (input pipeline excluded); ``train GFLOP/s`` = XLA FLOPs of the step x steps/s.
+* ``peak mem``: ``peak_bytes_in_use`` of the accelerator, or the process's peak RSS on CPU.
+* ``% of peak``: achieved forward GFLOP/s over the measured fp32 2048^2 matmul rate.
+
+With ``--workdir method=path`` the best checkpoint of a trained run is evaluated on the real
+CAVE scenes in ``../shared/data/cave/`` (beside the checkout; ``JAXSPEC_SHARED_DATA``
+overrides) when present: reflectance = 16-bit PNG / 65535, RGB rendered linearly through the
+SRF named by ``--srf`` (default ``cie1964``, the NTIRE 2020 Clean convention), then normalised
+as the method was trained (``config.rgb_norm``); full 512x512 images, no crop border.
+Writes ``bench/RESULTS.md`` (and ``bench/results.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+IMAGE = (482, 512)
+
+
+def _timeit(fn, n: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Measured fp32 GFLOP/s of an n x n matmul (2 n^3 FLOPs)."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    dt = _timeit(lambda: f(a).block_until_ready(), reps, warmup=2)
+    return 2 * n ** 3 / dt / 1e9
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    import jax
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            return int(stats["peak_bytes_in_use"]), "device peak"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
+
+
+def bench_method(name: str, preset: str | None, reps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxspec import registry
+    from jaxspec.flops import count_flops
+    from jaxspec.train import sharding, steps as steps_lib
+    from jaxspec.train.state import create_train_state, param_count
+
+    preset = preset or ("cpu" if jax.default_backend() == "cpu" else "paper")
+    method = registry.get(name)
+    cfg = method.config(preset)
+    model = method.model(cfg)
+    s = method.stride
+    h, w = (-(-IMAGE[0] // s) * s, -(-IMAGE[1] // s) * s)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(
+        jax.random.PRNGKey(0))
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (1, h, w, 3))
+    flops = count_flops(lambda v, x: model.apply(v, x, train=False), variables, x)
+    out = {"method": name, "preset": preset, "params": param_count(variables["params"]),
+           "paper_params_m": method.paper_params_m, "input": [h, w], "gflops": flops / 1e9}
+    if method.paper_gflops_input:
+        ph, pw = method.paper_gflops_input
+        xp = jnp.zeros((1, ph, pw, 3))
+        out["gflops_paper_input"] = count_flops(
+            lambda v, x: model.apply(v, x, train=False), variables, xp) / 1e9
+        out["paper_gflops"] = method.paper_gflops
+        out["paper_gflops_input"] = [ph, pw]
+    t_inf = _timeit(lambda: fwd(variables, x).block_until_ready(), reps, warmup=1)
+    out["infer_ms"] = t_inf * 1e3
+    out["infer_gflops_per_s"] = flops / t_inf / 1e9
+
+    mesh = sharding.make_mesh()
+    rep = sharding.replicated(mesh)
+    tx = steps_lib.make_optimizer_for(cfg, method)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, cfg.crop, cfg.crop, 3),
+                               out_sharding=rep)
+    rng = np.random.default_rng(0)
+    hsi = (rng.random((cfg.batch_size, cfg.crop, cfg.crop, 31)) * 0.8 + 0.1).astype(np.float32)
+    batch = sharding.shard_batch({"rgb": rng.random((cfg.batch_size, cfg.crop, cfg.crop, 3))
+                                  .astype(np.float32), "hsi": hsi}, mesh)
+    step_fn = steps_lib.build_train_step(model, cfg, method)
+    step_flops = count_flops(step_fn, state, batch)
+    step = jax.jit(step_fn, donate_argnums=0, out_shardings=(rep, rep))
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    n_steps = max(3, reps * 2)
+    t = time.perf_counter()
+    for _ in range(n_steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    sps = n_steps / (time.perf_counter() - t)
+    out.update(train_crop=cfg.crop, train_batch=cfg.batch_size, train_steps_per_s=sps,
+               train_gflops_per_s=step_flops * sps / 1e9)
+    out["peak_mem_bytes"], out["peak_mem_kind"] = peak_memory_bytes()
+    return out
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("JAXSPEC_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def load_cave(root: Path, srf_name: str):
+    """Yield (name, hsi (512,512,31) reflectance, rgb linear) of every CAVE scene under root."""
+    import numpy as np
+
+    from jaxspec.data import readers
+    from jaxspec.physics import get_srf
+    srf = np.asarray(get_srf(srf_name), np.float32)
+    firsts = sorted(root.glob("**/*_ms_01.png"))
+    for f in firsts:
+        scene = f.name[:-len("_ms_01.png")]
+        bands = [readers.collapse_channels(readers.read_png16(f.parent / f"{scene}_ms_{i:02d}.png"))
+                 for i in range(1, 32)]
+        hsi = np.stack(bands, -1).astype(np.float32) / 65535.0
+        yield scene, hsi, hsi @ srf
+
+
+def cave_metrics(workdir: str, srf_name: str, max_images: int | None) -> dict | None:
+    import numpy as np
+
+    from jaxspec import api, inference
+    from jaxspec.data import normalize_rgb
+    root = shared_data_dir() / "cave"
+    if not root.is_dir():
+        return None
+    model, variables = api.load(workdir)
+    predict = inference.make_predict_fn(model.module.apply, variables)
+    batches = []
+    for i, (name, hsi, rgb) in enumerate(load_cave(root, srf_name)):
+        if max_images is not None and i >= max_images:
+            break
+        batches.append({"rgb": normalize_rgb(rgb[None], model.config.rgb_norm),
+                        "hsi": hsi[None],
+                        "name": np.asarray([name])})
+    # CAVE reflectance has exact zeros (dark pixels): MRAE (no epsilon, NTIRE) is then inf; the
+    # evaluation keeps it honest by reporting MRAE over pixels with gt > 0 separately.
+    res = inference.evaluate_dataset(predict, batches, stride=model.stride,
+                                     tile=model.config.eval_tile)
+    masked = []
+    for b in batches:
+        pred = inference.predict_image(predict, b["rgb"], stride=model.stride)
+        gt = b["hsi"]
+        ok = gt > 0
+        masked.append(float(np.mean(np.abs(pred - gt)[ok] / gt[ok])))
+        res["per_image"][str(b["name"][0])]["mrae_gt>0"] = masked[-1]
+    res["mean"]["mrae_gt>0"] = float(np.mean(masked))
+    return {"workdir": workdir, "srf": srf_name, "num_images": res["num_images"],
+            "mean": res["mean"], "per_image": res["per_image"], "root": str(root)}
+
+
+def _worker(args) -> int:
+    res = bench_method(args.worker, args.preset, args.reps)
+    print("RESULT:" + json.dumps(res))
+    return 0
+
+
+def _md_table(rows, peak) -> str:
+    head = ("| method | preset | params | GFLOPs 482x512 (XLA) | GFLOPs at paper input (XLA / 2) "
+            "| paper | infer ms | GFLOP/s (% of matmul peak) | train crop x batch | train steps/s "
+            "| train GFLOP/s | peak mem |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | error: {r['error'][:80]} |" + " |" * 10)
+            continue
+        paper = ""
+        if r.get("paper_gflops") is not None:
+            paper = f"{r.get('paper_params_m')} M, {r['paper_gflops']} G @ " \
+                    f"{r['paper_gflops_input'][0]}x{r['paper_gflops_input'][1]}"
+        gp = (f"{r['gflops_paper_input']:.2f} / {r['gflops_paper_input'] / 2:.2f}"
+              if "gflops_paper_input" in r else "")
+        lines.append(
+            f"| {r['method']} | {r['preset']} | {r['params']:,} | {r['gflops']:.2f} | {gp} | "
+            f"{paper} | {r['infer_ms']:.1f} | {r['infer_gflops_per_s']:.1f} "
+            f"({100 * r['infer_gflops_per_s'] / peak:.0f}%) | {r['train_crop']}x"
+            f"{r['train_batch']} | {r['train_steps_per_s']:.2f} | {r['train_gflops_per_s']:.1f} "
+            f"| {r['peak_mem_bytes'] / 2**20:.0f} MiB ({r['peak_mem_kind']}) |")
+    return "\n".join(lines)
+
+
+def render(results: dict, out: str | os.PathLike) -> None:
+    peak, rows, cave = results["matmul_peak_gflops"], results["methods"], results.get("cave") or {}
+    md = ["# Benchmark results", "", f"Environment: {results['environment']}.",
+          f"Measured fp32 matmul peak (2048x2048): **{peak:.1f} GFLOP/s**.", "",
+          "Generated by `python bench/benchmark.py` (see its docstring for definitions). "
+          "XLA FLOPs count a multiply-add as 2; papers' \"FLOPs\" are MACs, so compare the paper "
+          "figure with XLA/2. Train steps/s exclude the input pipeline.", "",
+          _md_table(rows, peak), ""]
+    if cave:
+        md += ["## Trained runs on real CAVE scenes", ""]
+        for m, res in cave.items():
+            if res is None:
+                md.append(f"* {m}: CAVE data not found under {shared_data_dir() / 'cave'}; "
+                          "skipped.")
+                continue
+            md.append(f"* **{m}** (`{res['workdir']}`): {res['num_images']} scenes from "
+                      f"`{res['root']}`, RGB rendered from reflectance through SRF "
+                      f"`{res['srf']}`, full 512x512, no crop border.")
+            md.append("")
+            keys = list(res["mean"])
+            md.append("| scene | " + " | ".join(keys) + " |")
+            md.append("|" + "---|" * (len(keys) + 1))
+            for name, vals in res["per_image"].items():
+                md.append(f"| {name} | " + " | ".join(f"{vals.get(k, float('nan')):.4f}"
+                                                      for k in keys) + " |")
+            md.append("| **mean** | " + " | ".join(f"**{res['mean'][k]:.4f}**" for k in keys)
+                      + " |")
+            md.append("")
+        md.append("MRAE uses the NTIRE definition without epsilon, so scenes with zero-valued "
+                  "reflectance pixels give inf; `mrae_gt>0` averages over pixels with gt > 0.")
+    Path(out).write_text("\n".join(md) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--preset", default=None, help="default: cpu on CPU, paper otherwise")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--workdir", action="append", default=[], metavar="METHOD=PATH",
+                   help="trained run to evaluate on CAVE (repeatable)")
+    p.add_argument("--srf", default="cie1964", help="SRF used to render CAVE RGB")
+    p.add_argument("--max-cave", type=int, default=None)
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--render-only", action="store_true",
+                   help="re-write the markdown from bench/results.json (no measurements)")
+    args = p.parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    if args.render_only:
+        render(json.loads((Path(args.out).parent / "results.json").read_text()), args.out)
+        print(f"wrote {args.out}")
+        return 0
+
+    import jax
+
+    from jaxspec import registry
+    names = args.methods.split(",") if args.methods else registry.names()
+    for n in names:
+        registry.get(n)     # unknown names fail early with the list of methods
+    peak = matmul_peak()
+    rows = []
+    for n in names:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", n,
+               "--reps", str(args.reps)] + (["--preset", args.preset] if args.preset else [])
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        res = [l for l in r.stdout.splitlines() if l.startswith("RESULT:")]
+        if r.returncode or not res:
+            rows.append({"method": n, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
+        else:
+            rows.append(json.loads(res[-1][len("RESULT:"):]))
+        print(json.dumps(rows[-1]), flush=True)
+    cave = {}
+    for spec in args.workdir:
+        if "=" not in spec:
+            raise SystemExit(f"--workdir expects METHOD=PATH, got {spec!r}")
+        m, path = spec.split("=", 1)
+        cave[m] = cave_metrics(path, args.srf, args.max_cave)
+
+    dev = jax.devices()[0]
+    env = (f"jax {jax.__version__}, backend {jax.default_backend()} "
+           f"({getattr(dev, 'device_kind', dev.platform)}), {os.cpu_count()} CPU cores, "
+           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
+    results = {"environment": env, "matmul_peak_gflops": peak, "methods": rows, "cave": cave}
+    (Path(args.out).parent / "results.json").write_text(json.dumps(results, indent=2))
+    render(results, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

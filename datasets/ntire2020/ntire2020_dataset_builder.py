@@ -1,0 +1,121 @@
+"""TFDS builder for NTIRE 2020 Spectral Reconstruction (ARAD_HS), Clean and RealWorld tracks.
+
+Common schema: ``hsi`` float32 (482, 512, 31) from the challenge ``.mat`` (key ``cube``, v5 or
+v7.3, detected with ``h5py.is_hdf5``; values as stored, about [0, 1]); ``rgb`` float32 0..255
+code values of the track's 8-bit input (``clean``: lossless ``_clean.png``; ``real_world``:
+``_RealWorld.jpg``), RGB order; ``bands`` 400..700 nm step 10 (from the file's ``bands`` when
+present); ``name`` the scene id (``ARAD_HS_0001``).
+
+Splits come from the challenge folders: ``train`` = ``NTIRE2020_Train_Spectral`` (450 scenes),
+``validation`` = ``NTIRE2020_Validation_Spectral`` (10). The test tracks have no public ground
+truth and are not built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxspec.data import readers
+
+N_BANDS = 31
+DEFAULT_BANDS = np.arange(400.0, 701.0, 10.0, dtype=np.float32)
+_ID = re.compile(r"^ARAD_HS_(\d{4})$")
+_SPLIT_FOLDERS = {"train": "Train", "validation": "Validation"}
+
+EXPECTED_LAYOUT = """\
+  <manual_dir>/NTIRE2020_Train_Spectral/ARAD_HS_0001.mat ...   (MATLAB v5 or v7.3, key 'cube')
+  <manual_dir>/NTIRE2020_Train_Clean/ARAD_HS_0001_clean.png ...        (config 'clean')
+  <manual_dir>/NTIRE2020_Train_RealWorld/ARAD_HS_0001_RealWorld.jpg ... (config 'real_world')
+  <manual_dir>/NTIRE2020_Validation_Spectral/ARAD_HS_0451.mat ...
+  <manual_dir>/NTIRE2020_Validation_Clean/ or NTIRE2020_Validation_RealWorld/
+  (folders may sit one level down, e.g. <manual_dir>/NTIRE2020/NTIRE2020_Train_Spectral/)"""
+
+
+@dataclasses.dataclass(eq=False)
+class Ntire2020Config(tfds.core.BuilderConfig):
+    """``track``: ``"Clean"`` or ``"RealWorld"`` (folder and file suffix)."""
+    track: str = "Clean"
+    suffix: str = "_clean.png"
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+    """NTIRE 2020 spectral reconstruction: 31-band cubes with Clean or RealWorld RGB."""
+
+    name = "ntire2020"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        Ntire2020Config(name="clean", description="Clean track: CIE-1964-based RGB, 8-bit PNG.",
+                        track="Clean", suffix="_clean.png"),
+        Ntire2020Config(name="real_world", description="RealWorld track: mosaic + noise + "
+                        "demosaic + JPEG (quality 80).", track="RealWorld",
+                        suffix="_RealWorld.jpg"),
+    ]
+    DEFAULT_CONFIG_NAME = "clean"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+Register for the NTIRE 2020 Spectral Reconstruction challenge (CodaLab; data by B. Arad, BGU)
+and extract the Train/Validation Spectral archives plus the Clean and/or RealWorld RGB archives
+into manual_dir:
+{EXPECTED_LAYOUT}"""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__.split("\n\n")[0],
+            features=readers.common_features(N_BANDS),
+            metadata=tfds.core.MetadataDict(hsi_scale="as stored (about [0, 1])",
+                                            rgb_scale="0..255 (8-bit)"),
+            disable_shuffling=True,
+            homepage="https://competitions.codalab.org/competitions/22225",
+            citation=("Arad et al., NTIRE 2020 Challenge on Spectral Reconstruction from an RGB "
+                      "Image, CVPRW 2020."),
+            license="Research use per the NTIRE 2020 challenge terms.",
+        )
+
+    def _split_generators(self, dl_manager):
+        root = readers.manual_root(dl_manager, self.name, EXPECTED_LAYOUT)
+        cfg = self.builder_config
+        splits = {}
+        for split, folder in _SPLIT_FOLDERS.items():
+            spec_name = f"NTIRE2020_{folder}_Spectral"
+            rgb_name = f"NTIRE2020_{folder}_{cfg.track}"
+            spec = readers.find_dir(root, [spec_name])
+            if spec is None:
+                raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT, spec_name + "/")
+            rgb = readers.find_dir(root, [rgb_name])
+            if rgb is None:
+                raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT, rgb_name + "/")
+            mats = [p for p in sorted(spec.glob("ARAD_HS_*.mat")) if _ID.match(p.stem)]
+            if not mats:
+                raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT,
+                                                   f"{spec_name}/ARAD_HS_*.mat")
+            pairs = []
+            for mat in mats:
+                img = rgb / f"{mat.stem}{cfg.suffix}"
+                if not img.is_file():
+                    raise FileNotFoundError(f"ntire2020: RGB image {img} for {mat} not found")
+                pairs.append((mat, img))
+            splits[split] = self._generate_examples(pairs)
+        return splits
+
+    def _generate_examples(self, pairs):
+        for mat, img in pairs:
+            yield mat.stem, load_example(mat, img)
+
+
+def load_example(mat: Path, img: Path) -> dict:
+    data = readers.read_mat(mat, "cube", optional=["bands"])
+    cube = readers.check_cube(data["cube"], mat, N_BANDS)
+    bands = DEFAULT_BANDS
+    if "bands" in data:
+        bands = np.asarray(data["bands"], np.float32).reshape(-1)
+        if bands.shape != (N_BANDS,):
+            raise ValueError(f"{mat}: 'bands' has {bands.size} values, expected {N_BANDS}")
+    rgb = readers.read_rgb_image(img)
+    if rgb.shape[:2] != cube.shape[:2]:
+        raise ValueError(f"{img}: RGB size {rgb.shape[:2]} differs from cube {mat} {cube.shape[:2]}")
+    return {"hsi": cube, "rgb": rgb.astype(np.float32), "bands": bands, "name": mat.stem}

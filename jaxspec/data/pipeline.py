@@ -1,0 +1,218 @@
+"""Input pipeline: RGB normalisation, random crops / dihedral augmentation, grain loaders.
+
+Pattern (flax ``examples/gemma``): ``tfds`` data source -> ``grain.MapDataset.source`` ->
+per-host slice -> seeded shuffle -> repeat -> per-example random crop + flips/rot90 ->
+normalisation -> batch. Every stage is random-access, so the batch at global step ``t`` is a
+pure function of ``(seed, t, process_index, process_count)`` and ``start_step=t`` replays
+exactly what an uninterrupted run would have produced from step ``t`` on.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+NORMALIZATIONS = ("none", "div255", "minmax")
+_SPATIAL_KEYS = ("rgb", "hsi", "label", "reflectance")
+
+
+def normalize_rgb(rgb, mode: str = "minmax", eps: float = 1e-12):
+    """The RGB input normalisations used by the methods (numpy in -> numpy, jax in -> jax).
+
+    * ``"none"``: unchanged (cast to float32).
+    * ``"div255"``: ``x / 255`` (8-bit code values -> [0, 1]).
+    * ``"minmax"`` (MST++, all NTIRE 2022 entries built on it): per image, with ONE minimum
+      and ONE maximum over all pixels and all three channels,
+      ``x' = (x - min(x)) / max(max(x) - min(x), eps)``.
+      ``rgb`` may be (H, W, C) or batched (..., H, W, C); the reduction is over the last 3 axes.
+    """
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+    is_np = isinstance(rgb, (np.ndarray, np.generic, list, tuple, float, int))
+    if is_np:
+        xp = np
+        x = np.asarray(rgb, dtype=np.float32)
+    else:
+        import jax.numpy as jnp
+        xp = jnp
+        x = jnp.asarray(rgb, dtype=jnp.float32)
+    if x.ndim < 3:
+        raise ValueError(f"normalize_rgb: rgb must be (..., H, W, C), got shape {x.shape}")
+    if mode == "none":
+        return x
+    if mode == "div255":
+        return x / np.float32(255.0)
+    lo = xp.min(x, axis=(-3, -2, -1), keepdims=True)
+    hi = xp.max(x, axis=(-3, -2, -1), keepdims=True)
+    return (x - lo) / xp.maximum(hi - lo, np.float32(eps))
+
+
+def _hw(example: dict, keys: Sequence[str]) -> tuple[int, int]:
+    k = next(k for k in keys if k in example and np.ndim(example[k]) >= 2)
+    return int(np.shape(example[k])[0]), int(np.shape(example[k])[1])
+
+
+def _check_crop(h, w, crop, name):
+    if crop > h or crop > w:
+        raise ValueError(f"crop size {crop} is larger than the image {h}x{w}"
+                         f"{f' ({name})' if name else ''}; use a smaller crop")
+
+
+def random_crop_augment(example: dict, rng: np.random.Generator, crop: int | None,
+                        augment: bool = True, keys: Sequence[str] = _SPATIAL_KEYS) -> dict:
+    """Random ``crop``×``crop`` window + random dihedral transform, jointly for ``keys``.
+
+    The same window, ``rot90`` by k ∈ {0,1,2,3}, vertical flip and horizontal flip (each
+    p = 0.5, MST++'s ``arguement``) are applied to every spatial array in ``keys``; other
+    entries pass through.
+    """
+    spatial = [k for k in keys if k in example and np.ndim(example[k]) >= 2]
+    if not spatial:
+        raise ValueError(f"example has none of the spatial keys {list(keys)}")
+    h, w = _hw(example, spatial)
+    out = dict(example)
+    if crop is not None:
+        _check_crop(h, w, crop, _name_of(example))
+        y0 = int(rng.integers(0, h - crop + 1))
+        x0 = int(rng.integers(0, w - crop + 1))
+    if augment:
+        k_rot = int(rng.integers(4))
+        flip_v = bool(rng.integers(2))
+        flip_h = bool(rng.integers(2))
+    for k in spatial:
+        a = np.asarray(example[k])
+        if a.shape[:2] != (h, w):
+            raise ValueError(f"spatial size of {k!r} {a.shape[:2]} differs from {(h, w)}")
+        if crop is not None:
+            a = a[y0:y0 + crop, x0:x0 + crop]
+        if augment:
+            a = np.rot90(a, k_rot, axes=(0, 1))
+            if flip_v:
+                a = a[::-1]
+            if flip_h:
+                a = a[:, ::-1]
+        out[k] = np.ascontiguousarray(a)
+    return out
+
+
+def center_crop(example: dict, crop: int, keys: Sequence[str] = _SPATIAL_KEYS) -> dict:
+    """Central ``crop``×``crop`` window of every spatial array in ``keys``."""
+    spatial = [k for k in keys if k in example and np.ndim(example[k]) >= 2]
+    h, w = _hw(example, spatial)
+    _check_crop(h, w, crop, _name_of(example))
+    y0, x0 = (h - crop) // 2, (w - crop) // 2
+    out = dict(example)
+    for k in spatial:
+        out[k] = np.ascontiguousarray(np.asarray(example[k])[y0:y0 + crop, x0:x0 + crop])
+    return out
+
+
+def _name_of(example) -> str:
+    n = example.get("name", "")
+    if isinstance(n, (bytes, np.bytes_)):
+        n = n.decode("utf-8")
+    return str(n)
+
+
+def _to_numpy(v):
+    if isinstance(v, (bytes, np.bytes_)):
+        return np.asarray(v.decode("utf-8"))
+    a = np.asarray(v)
+    if a.dtype.kind == "S":
+        return np.char.decode(a, "utf-8")
+    return a
+
+
+def _select(example: dict, keys: Sequence[str]) -> dict:
+    missing = [k for k in keys if k not in example]
+    if missing:
+        raise ValueError(f"example lacks keys {missing}; it has {sorted(example)}")
+    return {k: _to_numpy(example[k]) for k in keys}
+
+
+def _normalize(example: dict, mode: str) -> dict:
+    if "rgb" in example:
+        example = dict(example)
+        example["rgb"] = normalize_rgb(example["rgb"], mode)
+    return example
+
+
+def make_loader(source, *, batch_size: int | None = None, crop: int | None = None,
+                seed: int = 0, train: bool = True, normalization: str = "minmax",
+                start_step: int = 0, num_epochs: int | None = None, drop_remainder: bool = True,
+                worker_count: int = 0, prefetch: int = 2, keys: Sequence[str] = ("rgb", "hsi"),
+                split_kind: str | None = None, shard: tuple[int, int] | None = None,
+                ) -> Iterator[dict[str, Any]]:
+    """Batches of numpy arrays from a random-access ``source`` (e.g. :func:`data_source`).
+
+    Train (``train=True`` / ``split_kind="train"``): per-host slice ``source[i::n]`` with
+    ``(i, n) = (jax.process_index(), jax.process_count())`` (or ``shard``), shuffle with
+    ``seed`` (reshuffled every epoch), repeat ``num_epochs`` times (``None``: forever), random
+    ``crop`` + joint rot90/flips (:func:`random_crop_augment`, RNG keyed by ``seed`` and the
+    global example index), :func:`normalize_rgb` on ``rgb``, batch ``batch_size``. Batch ``t``
+    depends only on ``(seed, t)`` (per shard); ``start_step=t`` resumes there.
+
+    Eval (``train=False`` / ``split_kind="eval"``): same sharding, no shuffle, one pass in
+    source order, full images (central ``crop`` if given), batch 1 unless ``batch_size`` is
+    given, ``drop_remainder`` forced False, and ``"name"`` added to ``keys``.
+
+    Returns an iterator of dicts ``{key: np.ndarray}`` with a leading batch axis.
+    """
+    import grain
+
+    if split_kind is not None:
+        if split_kind not in ("train", "eval"):
+            raise ValueError(f"split_kind must be 'train' or 'eval', got {split_kind!r}")
+        train = split_kind == "train"
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if batch_size is None:
+        if train:
+            raise ValueError("make_loader: batch_size is required for training")
+        batch_size = 1
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if crop is not None and int(crop) < 1:
+        raise ValueError(f"crop must be a positive int or None, got {crop}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    if worker_count < 0 or prefetch < 0:
+        raise ValueError("worker_count and prefetch must be >= 0")
+    keys = tuple(keys)
+    if not train and "name" not in keys:
+        keys = keys + ("name",)
+    if shard is None:
+        import jax
+        shard = (jax.process_index(), jax.process_count())
+    s_idx, s_cnt = int(shard[0]), int(shard[1])
+    if not 0 <= s_idx < s_cnt:
+        raise ValueError(f"bad shard {shard}: need 0 <= index < count")
+    if len(source) < s_cnt:
+        raise ValueError(f"source has {len(source)} examples, fewer than {s_cnt} shards")
+
+    ds = grain.MapDataset.source(source)
+    if s_cnt > 1:
+        ds = ds[s_idx::s_cnt]
+    ds = ds.map(lambda ex: _select(ex, keys))
+    if train:
+        ds = ds.shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
+        ds = ds.random_map(lambda ex, rng: random_crop_augment(ex, rng, crop, True, keys),
+                           seed=(int(seed) + 1) % 2**32)
+    else:
+        if num_epochs is not None and num_epochs > 1:
+            ds = ds.repeat(num_epochs)
+        if crop is not None:
+            ds = ds.map(lambda ex: center_crop(ex, int(crop), keys))
+        drop_remainder = False
+    ds = ds.map(lambda ex: _normalize(ex, normalization))
+    ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+    if start_step:
+        ds = ds[int(start_step):]
+    read = grain.ReadOptions(num_threads=min(prefetch, 2) if prefetch else 0,
+                             prefetch_buffer_size=max(prefetch, 1))
+    it_ds = ds.to_iter_dataset(read)
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
+    return iter(it_ds)

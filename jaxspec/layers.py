@@ -1,0 +1,530 @@
+"""Shared building blocks for the MST-style spectral transformers (MST++, ACC, CCNet).
+
+Everything is NHWC, bands/channels last, float32. The blocks follow the PyTorch reference of
+MST++ (Cai et al., CVPRW 2022, ``caiyuanhao1998/MST-plus-plus``) operation for operation, so
+weights can be ported by transposing layouts only (see the per-module notes).
+
+Contents
+--------
+* :func:`gelu` -- exact (erf) GELU, ``x * Phi(x)``; PyTorch's ``F.gelu`` default.
+* :func:`depthwise_conv` / :class:`DepthwiseConv` -- per-channel 2-D cross-correlation with two
+  interchangeable implementations (9 shifted multiply-adds on CPU, ``lax.conv_general_dilated``
+  with ``feature_group_count=C`` elsewhere).
+* :class:`Conv2d`, :class:`ConvTranspose2d`, :class:`Linear`, :class:`LayerNorm` -- thin layers
+  with PyTorch's default initialisation / epsilon.
+* :class:`SpectralMSA` -- spectral-wise multi-head self-attention (S-MSA).
+* :class:`FeedForward` -- 1x1 -> GELU -> depthwise 3x3 -> GELU -> 1x1.
+* :class:`MSAB` -- one MST block ``x = MSA(x) + x; x = FFN(LN(x)) + x``.
+* :class:`SpectralUNet` -- the MST U-Net scaffold with a pluggable transformer block.
+* :func:`pad_to_multiple`, :func:`crop_to` -- reflect padding to a stride multiple and back.
+
+Initialisation (matches the PyTorch reference)
+----------------------------------------------
+* Convolutions (dense, depthwise, transposed) use PyTorch's default
+  ``kaiming_uniform_(a=sqrt(5))``: ``U(-b, b)`` with ``b = gain * sqrt(3 / fan_in)``,
+  ``gain = sqrt(2 / (1 + a^2)) = sqrt(1/3)``, i.e. ``b = 1 / sqrt(fan_in)``
+  (``fan_in = C_in / groups * kh * kw``; for ``ConvTranspose2d`` PyTorch's weight is
+  ``(C_in, C_out, kh, kw)`` so its "fan_in" is ``C_out * kh * kw``). Conv biases are
+  ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``. See :func:`torch_kernel_init`, :func:`torch_bias_init`.
+* ``nn.Linear`` layers use timm's ``trunc_normal_(std=0.02)`` (truncated at the *absolute*
+  bounds +-2, i.e. +-100 sigma) and zero bias, as in ``MST._init_weights``.
+  See :func:`trunc_normal_init`.
+* LayerNorm: scale 1, bias 0, ``eps = 1e-5`` (PyTorch default; Flax's is 1e-6) and the two-pass
+  variance (``use_fast_variance=False``), as PyTorch computes it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import lax
+
+Array = jax.Array
+Padding = Union[str, int, Sequence[tuple[int, int]]]
+DEPTHWISE_IMPLS = ("auto", "shift", "lax")
+
+__all__ = [
+    "DEPTHWISE_IMPLS", "gelu", "l2_normalize", "resolve_depthwise_impl", "depthwise_conv",
+    "torch_kernel_init", "torch_bias_init", "trunc_normal_init",
+    "DepthwiseConv", "Conv2d", "ConvTranspose2d", "Linear", "LayerNorm",
+    "SpectralMSA", "FeedForward", "MSAB", "mst_block", "SpectralUNet",
+    "pad_to_multiple", "crop_to",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise helpers
+# ----------------------------------------------------------------------------------------------
+def gelu(x: Array) -> Array:
+    """Exact GELU: ``gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))``.
+
+    PyTorch's ``nn.GELU()``/``F.gelu`` default; ``flax.linen.gelu`` defaults to the tanh
+    approximation, which would silently change a ported model.
+    """
+    return jax.nn.gelu(x, approximate=False)
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+    """``x / max(||x||_2, eps)`` along ``axis`` -- PyTorch ``F.normalize(x, p=2, dim=axis)``."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisers (PyTorch defaults)
+# ----------------------------------------------------------------------------------------------
+def torch_kernel_init(in_axis: int = -2, out_axis: int = -1):
+    """PyTorch's default conv/linear weight init ``kaiming_uniform_(a=sqrt(5))``.
+
+    ``W ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in`` = product of the receptive
+    field and the ``in_axis`` size: ``variance_scaling(1/3, "fan_in", "uniform")``.
+    For a Flax ``(kh, kw, in, out)`` conv kernel use the defaults; for a transposed conv whose
+    PyTorch fan_in is ``C_out * kh * kw`` pass ``in_axis=-1, out_axis=-2``.
+    """
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                            in_axis=in_axis, out_axis=out_axis)
+
+
+def torch_bias_init(fan_in: int):
+    """PyTorch's default conv bias init ``b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def trunc_normal_init(std: float = 0.02, a: float = -2.0, b: float = 2.0):
+    """timm ``trunc_normal_(std, a, b)``: ``N(0, std^2)`` truncated to the absolute range [a, b].
+
+    With the reference's ``std=0.02, a=-2, b=2`` the truncation sits at +-100 sigma, so the
+    samples are (to float precision) plain ``N(0, 0.02^2)``; no variance correction is applied,
+    unlike ``flax.linen.initializers.truncated_normal`` whose bounds are in units of sigma.
+    """
+    def init(key, shape, dtype=jnp.float32):
+        return (jax.random.truncated_normal(key, a / std, b / std, shape, jnp.float32)
+                * std).astype(dtype)
+
+    return init
+
+
+# ----------------------------------------------------------------------------------------------
+# Depthwise convolution
+# ----------------------------------------------------------------------------------------------
+def resolve_depthwise_impl(impl: str = "auto") -> str:
+    """``"auto"`` -> ``"shift"`` on the CPU backend, ``"lax"`` elsewhere (GPU/TPU).
+
+    On XLA:CPU a grouped convolution is ~20x slower than the equivalent shifted
+    multiply-adds (STYLE.md "Performance facts"); accelerators have native depthwise kernels.
+    """
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "shift" if jax.default_backend() == "cpu" else "lax"
+    return impl
+
+
+def _dw_kernel_3d(kernel: Array, channels: int) -> Array:
+    """Accept (kh, kw, C) or Flax grouped layout (kh, kw, 1, C); return (kh, kw, C)."""
+    if kernel.ndim == 4:
+        if kernel.shape[2] != 1:
+            raise ValueError("a 4-D depthwise kernel must have the Flax grouped layout "
+                             f"(kh, kw, 1, C); got shape {tuple(kernel.shape)}")
+        kernel = kernel[:, :, 0, :]
+    if kernel.ndim != 3:
+        raise ValueError(f"depthwise kernel must be (kh, kw, C) or (kh, kw, 1, C); got shape "
+                         f"{tuple(kernel.shape)}")
+    if kernel.shape[-1] != channels:
+        raise ValueError(f"depthwise kernel has {kernel.shape[-1]} channels but x has "
+                         f"{channels}")
+    return kernel
+
+
+def _resolve_padding(padding: Padding, kh: int, kw: int) -> tuple[tuple[int, int], ...]:
+    if isinstance(padding, str):
+        p = padding.upper()
+        if p not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), "
+                             f"(left, right)); got {padding!r}")
+        return tuple(lax.padtype_to_pads((1, 1), (kh, kw), (1, 1), p))  # stride 1
+    if isinstance(padding, (int, np.integer)):
+        return ((int(padding),) * 2,) * 2
+    pads = tuple(tuple(int(v) for v in p) for p in padding)
+    if len(pads) != 2 or any(len(p) != 2 for p in pads) or min(min(p) for p in pads) < 0:
+        raise ValueError(f"explicit padding must be ((top, bottom), (left, right)) of "
+                         f"non-negative ints; got {padding!r}")
+    return pads
+
+
+def depthwise_conv(x: Array, kernel: Array, padding: Padding = "SAME",
+                   impl: str = "auto") -> Array:
+    """Depthwise (per-channel) 2-D cross-correlation, stride 1, zero padding.
+
+    ``y[b, i, j, c] = sum_{u < kh, v < kw} x_pad[b, i + u, j + v, c] * k[u, v, c]``
+
+    (no kernel flip: the same operation as PyTorch ``Conv2d(groups=C)`` and
+    ``lax.conv_general_dilated``; a PyTorch weight ``(C, 1, kh, kw)`` maps to
+    ``w.transpose(2, 3, 1, 0)``).
+
+    Args:
+      x: ``(..., H, W, C)`` with at least 3 dims (leading dims are batch dims).
+      kernel: ``(kh, kw, C)`` or the Flax grouped layout ``(kh, kw, 1, C)``; any odd or even size.
+      padding: ``"SAME"`` (XLA convention: extra pad at the bottom/right for even kernels),
+        ``"VALID"``, an int, or explicit ``((top, bottom), (left, right))``.
+      impl: ``"shift"`` -- ``kh*kw`` shifted multiply-adds on the padded array (fast on CPU);
+        ``"lax"`` -- ``lax.conv_general_dilated(feature_group_count=C)`` (native on GPU/TPU);
+        ``"auto"`` -- chosen by :func:`resolve_depthwise_impl`. Both give the same result to
+        float32 rounding, with identical gradients.
+    Returns:
+      ``(..., H', W', C)`` with ``H' = H + top + bottom - kh + 1`` (``H`` for ``"SAME"``).
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 3:
+        raise ValueError(f"x must be (..., H, W, C); got shape {tuple(x.shape)}")
+    channels = x.shape[-1]
+    k = _dw_kernel_3d(jnp.asarray(kernel), channels)
+    kh, kw = int(k.shape[0]), int(k.shape[1])
+    (pt, pb), (pl, pr) = _resolve_padding(padding, kh, kw)
+    h_out = x.shape[-3] + pt + pb - kh + 1
+    w_out = x.shape[-2] + pl + pr - kw + 1
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"depthwise_conv: a {kh}x{kw} kernel with padding {padding!r} leaves "
+                         f"no output for spatial size {tuple(x.shape[-3:-1])}")
+    impl = resolve_depthwise_impl(impl)
+    k = k.astype(x.dtype)
+    lead = x.shape[:-3]
+    if impl == "lax":
+        x4 = x.reshape((-1,) + x.shape[-3:])
+        y = lax.conv_general_dilated(
+            x4, k[:, :, None, :], window_strides=(1, 1), padding=((pt, pb), (pl, pr)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+        return y.reshape(lead + y.shape[1:])
+    pad_cfg = [(0, 0)] * len(lead) + [(pt, pb), (pl, pr), (0, 0)]
+    xp = jnp.pad(x, pad_cfg) if any(v for p in ((pt, pb), (pl, pr)) for v in p) else x
+    y = None
+    for u in range(kh):
+        for v in range(kw):
+            term = xp[..., u:u + h_out, v:v + w_out, :] * k[u, v]
+            y = term if y is None else y + term
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers with PyTorch semantics
+# ----------------------------------------------------------------------------------------------
+class DepthwiseConv(nn.Module):
+    """Depthwise conv layer (channel multiplier 1), stride 1.
+
+    Parameters: ``kernel`` of shape ``(kh, kw, 1, features)`` -- the layout of
+    ``nn.Conv(feature_group_count=features)`` -- and optional ``bias`` ``(features,)``; the
+    layout does not depend on ``impl``, so checkpoints move freely between CPU and GPU.
+    PyTorch ``Conv2d(C, C, k, groups=C)`` weight ``(C, 1, kh, kw)`` -> ``transpose(2, 3, 1, 0)``.
+    """
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    use_bias: bool = False
+    padding: Padding = "SAME"
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if x.shape[-1] != self.features:
+            raise ValueError(f"DepthwiseConv({self.features}) got input with {x.shape[-1]} "
+                             "channels")
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", torch_kernel_init(), (kh, kw, 1, self.features))
+        y = depthwise_conv(x, kernel, self.padding, self.impl)
+        if self.use_bias:
+            y = y + self.param("bias", torch_bias_init(kh * kw), (self.features,))
+        return y
+
+
+class Conv2d(nn.Module):
+    """Dense 2-D convolution with PyTorch default init (parameter names as ``nn.Conv``).
+
+    ``kernel`` is ``(kh, kw, C_in, C_out)`` (PyTorch ``(C_out, C_in, kh, kw)`` ->
+    ``transpose(2, 3, 1, 0)``). A 1x1 stride-1 conv runs as a matmul over channels.
+    """
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: int = 1
+    padding: Padding = "SAME"
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kh, kw = self.kernel_size
+        cin = x.shape[-1]
+        kernel = self.param("kernel", torch_kernel_init(), (kh, kw, cin, self.features))
+        if (kh, kw) == (1, 1) and self.strides == 1 and self.padding in ("SAME", "VALID", 0):
+            y = jnp.einsum("...c,co->...o", x, kernel[0, 0])
+        else:
+            pad = self.padding if isinstance(self.padding, str) else (
+                _resolve_padding(self.padding, kh, kw))
+            y = lax.conv_general_dilated(
+                x, kernel, window_strides=(self.strides, self.strides), padding=pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            y = y + self.param("bias", torch_bias_init(cin * kh * kw), (self.features,))
+        return y
+
+
+class ConvTranspose2d(nn.Module):
+    """Transposed conv with ``kernel_size == stride`` and no padding (non-overlapping up-sampling).
+
+    ``y[b, s*i + u, s*j + v, o] = sum_c x[b, i, j, c] * K[u, v, c, o] + bias[o]`` -- exactly
+    PyTorch ``ConvTranspose2d(C_in, C_out, kernel_size=s, stride=s, padding=0)`` with
+    ``K = W_torch.transpose(2, 3, 0, 1)`` (no spatial flip needed in this form). Init follows
+    PyTorch, whose fan_in for this weight is ``C_out * s * s``.
+    """
+    features: int
+    stride: int = 2
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        s = self.stride
+        cin = x.shape[-1]
+        kernel = self.param("kernel", torch_kernel_init(in_axis=-1, out_axis=-2),
+                            (s, s, cin, self.features))
+        b, h, w, _ = x.shape
+        y = jnp.einsum("bhwc,uvco->bhuwvo", x, kernel).reshape(b, h * s, w * s, self.features)
+        if self.use_bias:
+            y = y + self.param("bias", torch_bias_init(self.features * s * s), (self.features,))
+        return y
+
+
+class Linear(nn.Module):
+    """``nn.Linear`` over the last axis with MST init (trunc-normal 0.02 weight, zero bias).
+
+    ``kernel`` is ``(in, out)`` = PyTorch ``weight.T``.
+    """
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", trunc_normal_init(0.02), (x.shape[-1], self.features))
+        y = jnp.einsum("...c,co->...o", x, kernel)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+        return y
+
+
+class LayerNorm(nn.LayerNorm):
+    """Channel LayerNorm with PyTorch semantics: ``eps = 1e-5`` and two-pass variance.
+
+    ``y = (x - mean) / sqrt(var + eps) * scale + bias`` over the last axis.
+    """
+    epsilon: float = 1e-5
+    use_fast_variance: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# MST blocks
+# ----------------------------------------------------------------------------------------------
+class SpectralMSA(nn.Module):
+    """Spectral-wise multi-head self-attention (S-MSA, MST / MST++ ``MS_MSA``).
+
+    Channels are the tokens, the spatial map is the feature, so the cost is linear in
+    ``N = H*W``. For input ``X`` (N x C), head ``h`` with channel slice ``d`` (einops
+    ``(h d)`` order):
+
+    * ``Q = X W_q``, ``K = X W_k``, ``V = X W_v`` (Linear, no bias), split into heads;
+      each head's ``Q_h, K_h, V_h`` seen as ``d x N``;
+    * ``Q_h, K_h`` L2-normalised along ``N`` (eps 1e-12);
+    * ``A_h = softmax_row(sigma_h * K_h Q_h^T)`` (``d x d``; learnable ``sigma_h`` = ``rescale``,
+      init 1, no ``1/sqrt(d)``) -- note the **K Q^T** order of the reference (MST issue #63);
+    * ``O = concat_h(A_h V_h)^T W_p + b_p`` (``proj``, with bias);
+    * output ``O + pos_emb(V)`` with ``pos_emb = dw3x3 -> GELU -> dw3x3`` (no biases) applied to
+      the pre-split ``V`` as an image.
+
+    Parameters: ``to_q/to_k/to_v/proj`` (:class:`Linear`), ``rescale`` ``(heads, 1, 1)``,
+    ``pos_emb_0``/``pos_emb_1`` (:class:`DepthwiseConv`). ``heads * dim_head`` must equal ``dim``.
+    """
+    dim: int
+    heads: int = 1
+    dim_head: int | None = None
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        if c != self.dim:
+            raise ValueError(f"SpectralMSA(dim={self.dim}) got input with {c} channels")
+        dh = self.dim_head if self.dim_head is not None else self.dim // self.heads
+        if dh * self.heads != self.dim:
+            raise ValueError(f"SpectralMSA: heads*dim_head = {self.heads}*{dh} must equal dim="
+                             f"{self.dim} (the positional branch reuses V as a dim-channel "
+                             "image)")
+        q_inp = Linear(dh * self.heads, use_bias=False, name="to_q")(x)
+        k_inp = Linear(dh * self.heads, use_bias=False, name="to_k")(x)
+        v_inp = Linear(dh * self.heads, use_bias=False, name="to_v")(x)
+
+        def split(t):  # (b, h, w, heads*d) -> (b, N, heads, d)
+            return t.reshape(b, h * w, self.heads, dh)
+
+        q = l2_normalize(split(q_inp), axis=1)
+        k = l2_normalize(split(k_inp), axis=1)
+        v = split(v_inp)
+        rescale = self.param("rescale", nn.initializers.ones, (self.heads, 1, 1))
+        attn = jnp.einsum("bnhi,bnhj->bhij", k, q) * rescale[None]      # K Q^T, (b, h, d, d)
+        attn = jax.nn.softmax(attn, axis=-1)
+        out = jnp.einsum("bhij,bnhj->bnhi", attn, v).reshape(b, h, w, self.heads * dh)
+        out_c = Linear(self.dim, use_bias=True, name="proj")(out)
+        p = DepthwiseConv(self.dim, (3, 3), use_bias=False, impl=self.impl,
+                          name="pos_emb_0")(v_inp)
+        p = DepthwiseConv(self.dim, (3, 3), use_bias=False, impl=self.impl,
+                          name="pos_emb_1")(gelu(p))
+        return out_c + p
+
+
+class FeedForward(nn.Module):
+    """MST feed-forward: ``1x1 (C->mC) -> GELU -> dw3x3 (mC) -> GELU -> 1x1 (mC->C)``, no biases."""
+    dim: int
+    mult: int = 4
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        hidden = self.dim * self.mult
+        y = gelu(Conv2d(hidden, (1, 1), name="conv_0")(x))
+        y = gelu(DepthwiseConv(hidden, (3, 3), use_bias=False, impl=self.impl,
+                               name="dwconv")(y))
+        return Conv2d(self.dim, (1, 1), name="conv_1")(y)
+
+
+class MSAB(nn.Module):
+    """One MST transformer block: ``x = S-MSA(x) + x; x = FFN(LN(x)) + x``.
+
+    There is deliberately no LayerNorm before the attention (the L2 normalisation of Q and K
+    plays that role; MST issue #28). ``12 C^2 + 57 C + heads`` parameters.
+    ``train`` is accepted for the block protocol of :class:`SpectralUNet` and unused.
+    """
+    dim: int
+    heads: int = 1
+    dim_head: int | None = None
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        del train
+        x = SpectralMSA(self.dim, self.heads, self.dim_head, impl=self.impl, name="msa")(x) + x
+        y = LayerNorm(name="norm")(x)
+        return FeedForward(self.dim, impl=self.impl, name="ffn")(y) + x
+
+
+def mst_block(dim: int, heads: int, name: str | None = None, *, impl: str = "auto") -> MSAB:
+    """Default :class:`SpectralUNet` block factory: an :class:`MSAB` with head dim ``dim // heads``."""
+    return MSAB(dim=dim, heads=heads, impl=impl, name=name)
+
+
+BlockFactory = Callable[..., nn.Module]   # block(dim, heads, name=...) -> module(x, train)
+
+
+class SpectralUNet(nn.Module):
+    """MST U-Net scaffold (the ``MST`` class of MST++; one "SST" stage).
+
+    ``x -> embedding (3x3, no bias)``; encoder level ``l`` (``dim_l = dim * 2^l``,
+    ``heads_l = dim_l // head_dim``): ``num_blocks[l]`` blocks, keep the skip, down-sample with a
+    4x4 stride-2 pad-1 conv (no bias) to ``2 dim_l``; bottleneck: ``num_blocks[levels]`` blocks
+    at ``dim * 2^levels``; decoder level ``l = levels-1 .. 0``: ConvTranspose k2 s2 (bias) to
+    ``dim_l``, concat the skip, 1x1 fuse (no bias) ``2 dim_l -> dim_l``, ``num_blocks[l]`` blocks;
+    ``mapping`` (3x3, no bias) to ``out_features``; plus the input if ``residual``.
+
+    ``block`` is a factory ``block(dim, heads, name=...)`` returning a module applied as
+    ``x = module(x, train)``; ``None`` uses :class:`MSAB` (MST++). ``train`` is passed through so
+    blocks with BatchNorm/dropout work. ``H`` and ``W`` must be multiples of ``2**levels``
+    (see :func:`pad_to_multiple`).
+
+    Parameter names: ``embedding``, ``encoder_{l}_block_{k}``, ``down_{l}``,
+    ``bottleneck_block_{k}``, ``up_{l}``, ``fuse_{l}``, ``decoder_{l}_block_{k}``, ``mapping``.
+    """
+    dim: int
+    levels: int = 2
+    num_blocks: Sequence[int] = (1, 1, 1)
+    block: BlockFactory | None = None
+    head_dim: int | None = None          # default: dim (MST: heads = dim_l // dim)
+    out_features: int | None = None      # default: dim
+    residual: bool = True
+    impl: str = "auto"                   # depthwise impl of the default block
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        if len(self.num_blocks) != self.levels + 1:
+            raise ValueError(f"num_blocks needs levels+1 = {self.levels + 1} entries (encoder "
+                             f"levels + bottleneck); got {tuple(self.num_blocks)}")
+        if x.ndim != 4:
+            raise ValueError(f"SpectralUNet expects (B, H, W, C); got shape {tuple(x.shape)}")
+        m = 2 ** self.levels
+        if x.shape[1] % m or x.shape[2] % m:
+            raise ValueError(f"SpectralUNet with {self.levels} levels needs H, W multiples of "
+                             f"{m}; got {x.shape[1]}x{x.shape[2]} (use pad_to_multiple)")
+        block = self.block or functools.partial(mst_block, impl=self.impl)
+        head_dim = self.head_dim or self.dim
+        out_features = self.out_features or self.dim
+        if self.residual and out_features != x.shape[-1]:
+            raise ValueError(f"residual SpectralUNet needs out_features ({out_features}) == "
+                             f"input channels ({x.shape[-1]})")
+
+        def blocks(fea, d, n, prefix):
+            heads = max(d // head_dim, 1)
+            for k in range(n):
+                fea = block(d, heads, name=f"{prefix}_block_{k}")(fea, train)
+            return fea
+
+        fea = Conv2d(self.dim, (3, 3), name="embedding")(x)
+        skips = []
+        d = self.dim
+        for lvl in range(self.levels):
+            fea = blocks(fea, d, self.num_blocks[lvl], f"encoder_{lvl}")
+            skips.append(fea)
+            fea = Conv2d(2 * d, (4, 4), strides=2, padding=((1, 1), (1, 1)),
+                         name=f"down_{lvl}")(fea)
+            d *= 2
+        fea = blocks(fea, d, self.num_blocks[self.levels], "bottleneck")
+        for lvl in reversed(range(self.levels)):
+            d //= 2
+            fea = ConvTranspose2d(d, stride=2, use_bias=True, name=f"up_{lvl}")(fea)
+            fea = jnp.concatenate([fea, skips[lvl]], axis=-1)
+            fea = Conv2d(d, (1, 1), name=f"fuse_{lvl}")(fea)
+            fea = blocks(fea, d, self.num_blocks[lvl], f"decoder_{lvl}")
+        out = Conv2d(out_features, (3, 3), name="mapping")(fea)
+        return out + x if self.residual else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding to a stride multiple
+# ----------------------------------------------------------------------------------------------
+def pad_to_multiple(x: Array, multiple: int, mode: str = "reflect") -> Array:
+    """Pad the bottom and right of ``(B, H, W, C)`` so ``H`` and ``W`` are multiples of ``multiple``.
+
+    ``pad = (multiple - size % multiple) % multiple`` per axis; ``mode="reflect"`` matches
+    PyTorch ``F.pad(mode='reflect')`` (edge not repeated). Undo with :func:`crop_to`.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    if x.ndim != 4:
+        raise ValueError(f"pad_to_multiple expects (B, H, W, C); got shape {tuple(x.shape)}")
+    h, w = x.shape[1], x.shape[2]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    if mode == "reflect" and (ph >= h or pw >= w):
+        raise ValueError(f"reflect padding of {h}x{w} to a multiple of {multiple} needs pads "
+                         f"({ph}, {pw}) smaller than the image; use a larger input")
+    return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
+
+
+def crop_to(x: Array, size: tuple[int, int]) -> Array:
+    """Crop ``(B, H, W, C)`` back to its top-left ``size = (h, w)``."""
+    h, w = size
+    if h > x.shape[1] or w > x.shape[2]:
+        raise ValueError(f"cannot crop {x.shape[1]}x{x.shape[2]} to larger {h}x{w}")
+    return x[:, :h, :w, :]

@@ -1,0 +1,510 @@
+"""ACC: spectral transformer with Adjacent Channel Coupling (Sinha, SynS&ML @ ICML 2023).
+
+"Improving the Lipschitz Stability in Spectral Transformer through Nearest Neighbour Coupling".
+No public code exists; the resolutions below are those of ``shared/specs/methods.md`` §1.
+
+Adjacent channel coupling (paper Eq. 4-7), for each channel ``c`` of a feature map
+``X`` (B, H, W, C) and each direction ``u in {F, B}`` with its own 3x3 single-channel kernels
+``f^u_c`` (value), ``W^{Q,u}_c`` (query) and ``W^{K,u}_c`` (key)::
+
+    g^u_c(X_c) = W^{Q,u}_c * X_c,   h^u_c(S) = W^{Q,u}_c * (W^{K,u}_c * S)        (Eq. 5)
+    alpha^u_c  = g^u_c(X_c) + h^u_c(S^u_{c-+1})
+    T^u_c      = f^u_c(X_c) * sigmoid(alpha^u_c)
+    S^u_c      = X_c + T^u_c                  (the "Y" that is fed to the next channel)
+    Y_c        = X_c + 1/2 (T^F_c + T^B_c)                                          (Eq. 6)
+
+with ``S^F_{-1} = S^B_{C} = 0`` (forward scan runs c = 0..C-1, backward c = C-1..0).  Eq. 6 as
+printed feeds ``Y_{c-1}`` and ``Y_{c+1}`` at once, which is circular; the two directions
+therefore carry separate states.  ``recurrent=False`` gives the literal Eq. 4 instead, where the
+key comes from the *input* neighbour, ``alpha^u_c = W^Q * (X_c + W^K * X_{c-+1})`` (fully
+parallel, so the Jacobian is tridiagonal in channel blocks).
+
+Implementation: ``f`` and ``g`` of every channel and both directions are one depthwise 3x3
+convolution (``jaxspec.layers.depthwise_conv``); only ``h(S)`` is sequential, a
+``jax.lax.scan`` over the channel axis whose ``xs`` carry the per-channel kernels and whose step
+is a single-channel 3x3 convolution written as nine shifted multiply-adds (20x faster than
+``lax.conv`` on CPU).  Both directions run in the same scan (stacked on a leading axis).
+
+The rest of the network follows Fig. 1: SSTA = ACC + windowed non-local second-order attention
+(App. A.1), transformer block ``x + SSTA(BN(x))``, ``x + FFN(BN(x))``; MS-SSF U-Net blocks with
+separable convolutions; pointwise output convolution and a global residual.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec import layers
+from jaxspec import registry
+
+Array = jax.Array
+
+__all__ = [
+    "acc_coupling", "acc_coupling_reference", "conv3x3_planes", "ACC", "WindowedNonLocal",
+    "SSTA", "ACCTransformerBlock", "MSSSF", "ACCNet", "make_model",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# functional core of the coupling (used by the module, the tests and jaxspec.analysis.bounds)
+# --------------------------------------------------------------------------------------------
+def conv3x3_planes(x: Array, k: Array) -> Array:
+    """Zero-padded 'SAME' 3x3 cross-correlation of stacks of single-channel planes.
+
+    ``out[..., y, x] = sum_{a,b in {0,1,2}} k[..., a, b] * x_pad[..., y + a, x + b]`` with
+    ``x`` of shape (D, B, H, W) and one kernel per leading index, ``k`` of shape (D, 3, 3)
+    (the convention of ``lax.conv_general_dilated``).  Nine shifted multiply-adds.
+    """
+    h, w = x.shape[-2:]
+    xp = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)])
+    kk = k.reshape(k.shape[:1] + (1,) * (x.ndim - 3) + (3, 3))
+    out = None
+    for a in range(3):
+        for b in range(3):
+            term = kk[..., a:a + 1, b:b + 1] * xp[..., a:a + h, b:b + w]
+            out = term if out is None else out + term
+    return out
+
+
+def _check_kernels(x: Array, value: Array, query: Array, key: Array) -> int:
+    if x.ndim != 4:
+        raise ValueError(f"ACC expects x of shape (B, H, W, C), got shape {x.shape}")
+    c = x.shape[-1]
+    for name, k in (("value", value), ("query", query), ("key", key)):
+        if k.shape != (2, c, 3, 3):
+            raise ValueError(f"ACC kernel {name!r} must have shape (2, {c}, 3, 3) "
+                             f"(direction, channel, 3, 3); got {k.shape}")
+    return c
+
+
+def _dir_kernels_hwc(k: Array) -> Array:
+    """(2, C, 3, 3) -> depthwise (3, 3, 2C) kernel, forward channels first."""
+    return jnp.transpose(k, (2, 3, 0, 1)).reshape(3, 3, -1)
+
+
+def acc_coupling(x: Array, value: Array, query: Array, key: Array, *, recurrent: bool = True,
+                 unroll: int | bool = 1, return_aux: bool = False, impl: str = "auto"):
+    """Bidirectional adjacent channel coupling, ``Y_c = X_c + 1/2 (T^F_c + T^B_c)``.
+
+    Args:
+      x: (B, H, W, C) feature map.
+      value, query, key: (2, C, 3, 3) kernels ``f``, ``W^Q``, ``W^K``; index 0 of the first axis
+        is the forward (c-1 -> c) direction, index 1 the backward (c+1 -> c) direction.
+      recurrent: True -> the key sees the coupled state ``S_{c-+1}`` (scan); False -> Eq. 4, the
+        key sees the input ``X_{c-+1}`` (parallel).
+      unroll: passed to ``jax.lax.scan`` (``True`` fully unrolls, used for FLOP counting).
+      impl: depthwise-conv implementation of the parallel part (``layers.depthwise_conv``).
+      return_aux: also return a dict with ``V`` (f(X)), ``alpha`` (gate pre-activation),
+        ``T``, ``S`` (the state fed to the neighbour) and ``S_prev`` (the neighbour state the
+        key saw), each of shape (2, B, H, W, C) in channel order.
+
+    Returns:
+      ``Y`` (B, H, W, C), or ``(Y, aux)``.
+    """
+    c = _check_kernels(x, value, query, key)
+    # channel-parallel part: V = f(X) and G = g(X) = W^Q * X for both directions at once.
+    x4 = jnp.concatenate([x, x, x, x], axis=-1)
+    k4 = jnp.concatenate([_dir_kernels_hwc(value), _dir_kernels_hwc(query)], axis=-1)
+    vg = layers.depthwise_conv(x4, k4, impl=impl)
+    v = jnp.stack([vg[..., :c], vg[..., c:2 * c]])             # (2, B, H, W, C)
+    g = jnp.stack([vg[..., 2 * c:3 * c], vg[..., 3 * c:]])
+
+    if recurrent:
+        # channel-major sequences; the backward direction is stored reversed so that a single
+        # forward scan advances both directions.
+        def seq(a):  # (2, B, H, W, C) -> (C, 2, B, H, W) with direction 1 reversed in c
+            a = jnp.moveaxis(a, -1, 0)
+            return jnp.stack([a[:, 0], a[::-1, 1]], axis=1)
+
+        def kseq(k):  # (2, C, 3, 3) -> (C, 2, 3, 3)
+            return jnp.stack([k[0], k[1, ::-1]], axis=1)
+
+        xs_x = jnp.moveaxis(x, -1, 0)
+        xs_x = jnp.stack([xs_x, xs_x[::-1]], axis=1)
+
+        def step(s_prev, inp):
+            xc, vc, gc, kq, kk = inp
+            alpha = gc + conv3x3_planes(conv3x3_planes(s_prev, kk), kq)
+            t = vc * jax.nn.sigmoid(alpha)
+            s = xc + t
+            return s, (t, alpha, s, s_prev)
+
+        s0 = jnp.zeros(xs_x.shape[1:], x.dtype)
+        _, (t_seq, a_seq, s_seq, sp_seq) = jax.lax.scan(
+            step, s0, (xs_x, seq(v), seq(g), kseq(query), kseq(key)), unroll=unroll)
+
+        def unseq(a):  # (C, 2, B, H, W) -> (2, B, H, W, C)
+            a = jnp.stack([a[:, 0], a[::-1, 1]], axis=1)
+            return jnp.moveaxis(a, 0, -1)
+
+        t, alpha, s, s_prev = (unseq(a) for a in (t_seq, a_seq, s_seq, sp_seq))
+    else:
+        zero = jnp.zeros_like(x[..., :1])
+        x_prev = jnp.concatenate([zero, x[..., :-1]], axis=-1)   # X_{c-1}
+        x_next = jnp.concatenate([x[..., 1:], zero], axis=-1)    # X_{c+1}
+        kx = layers.depthwise_conv(jnp.concatenate([x_prev, x_next], -1),
+                                   _dir_kernels_hwc(key), impl=impl)
+        alpha = layers.depthwise_conv(jnp.concatenate([x, x], -1) + kx,
+                                      _dir_kernels_hwc(query), impl=impl)
+        alpha = jnp.stack([alpha[..., :c], alpha[..., c:]])
+        t = v * jax.nn.sigmoid(alpha)
+        s_prev = jnp.stack([x_prev, x_next])
+        s = x[None] + t
+    y = x + 0.5 * (t[0] + t[1])
+    if return_aux:
+        return y, dict(V=v, alpha=alpha, T=t, S=s, S_prev=s_prev)
+    return y
+
+
+def _conv_single(x: Array, k: Array) -> Array:
+    """Reference single-channel SAME conv with ``lax.conv_general_dilated``; x (B, H, W)."""
+    out = jax.lax.conv_general_dilated(
+        x[..., None], k[:, :, None, None], (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return out[..., 0]
+
+
+def acc_coupling_reference(x: Array, value: Array, query: Array, key: Array, *,
+                           recurrent: bool = True) -> Array:
+    """Unrolled, loop-over-channels definition of :func:`acc_coupling` (tests only).
+
+    Written directly from the equations with ``lax.conv_general_dilated`` so that it shares no
+    code with the scan implementation.
+    """
+    c = _check_kernels(x, value, query, key)
+    xs = [x[..., i] for i in range(c)]
+    zero = jnp.zeros_like(xs[0])
+    t = [[None] * c, [None] * c]
+    for u, order in ((0, range(c)), (1, range(c - 1, -1, -1))):
+        s_prev = zero
+        for i in order:
+            nb = i - 1 if u == 0 else i + 1
+            if recurrent:
+                k_in = s_prev
+            else:
+                k_in = xs[nb] if 0 <= nb < c else zero
+            alpha = _conv_single(xs[i] + _conv_single(k_in, key[u, i]), query[u, i])
+            t[u][i] = _conv_single(xs[i], value[u, i]) * jax.nn.sigmoid(alpha)
+            s_prev = xs[i] + t[u][i]
+    return jnp.stack([xs[i] + 0.5 * (t[0][i] + t[1][i]) for i in range(c)], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# modules
+# --------------------------------------------------------------------------------------------
+class ACC(nn.Module):
+    """Adjacent Channel Coupler (Fig. 1D), see :func:`acc_coupling` for the equations.
+
+    Parameters: ``value``, ``query``, ``key`` of shape (2, C, 3, 3) -- one 3x3 kernel per
+    channel and direction (27 * 2 * C weights, no biases: Eq. 4-5 have none).
+    """
+    recurrent: bool = True
+    unroll: int | bool = 1
+    impl: str = "auto"
+    kernel_init: Callable = nn.initializers.normal(stddev=1.0 / 3.0)   # fan-in 9
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        shape = (2, c, 3, 3)
+        value = self.param("value", self.kernel_init, shape, jnp.float32)
+        query = self.param("query", self.kernel_init, shape, jnp.float32)
+        key = self.param("key", self.kernel_init, shape, jnp.float32)
+        return acc_coupling(x, value, query, key, recurrent=self.recurrent, unroll=self.unroll,
+                            impl=self.impl)
+
+
+class WindowedNonLocal(nn.Module):
+    """Non-local second-order self-attention (App. A.1, Eq. 8-9) inside fixed windows.
+
+    In each ``window x window`` patch with ``n`` positions::
+
+        theta = X W_theta            (n, d),  d = C // reduction   (1x1 conv, no bias)
+        theta~ = theta - mean_n(theta)       (the centring I^ = (1/n)(I - 11^T/n) of Eq. 9)
+        A = softmax(theta~ theta~^T / n)     (n, n), row-wise
+        out = (A (X W_v)) W_o                (W_v: C -> d, W_o: d -> C, W_o zero-initialised)
+
+    Feature maps larger than the window are reflect-padded to a multiple of it and cut into
+    non-overlapping windows (the paper trains and infers the quadratic attention "in patches");
+    maps smaller than the window use one window of their own size.  Windows are processed
+    ``window_batch`` at a time (``jax.lax.map``) so memory stays bounded on full images.
+    """
+    window: int = 64
+    reduction: int = 2
+    window_batch: int | None = 16
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        d = max(c // self.reduction, 1)
+        theta = nn.Dense(d, use_bias=False, name="theta")(x)
+        val = nn.Dense(d, use_bias=False, name="value")(x)
+        wh, ww = min(self.window, h), min(self.window, w)
+        ph, pw = (-h) % wh, (-w) % ww
+        tv = jnp.concatenate([theta, val], axis=-1)
+        if ph or pw:
+            tv = jnp.pad(tv, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
+        nh, nw = (h + ph) // wh, (w + pw) // ww
+        win = tv.reshape(b, nh, wh, nw, ww, 2 * d).transpose(0, 1, 3, 2, 4, 5)
+        win = win.reshape(b * nh * nw, wh * ww, 2 * d)
+
+        def attend(t):  # t: (n, 2d)
+            th, v = t[:, :d], t[:, d:]
+            th = th - th.mean(axis=0, keepdims=True)
+            logits = th @ th.T / th.shape[0]
+            return jax.nn.softmax(logits, axis=-1) @ v
+
+        if self.window_batch is None or self.window_batch >= win.shape[0]:
+            out = jax.vmap(attend)(win)
+        else:
+            out = jax.lax.map(attend, win, batch_size=self.window_batch)
+        out = out.reshape(b, nh, nw, wh, ww, d).transpose(0, 1, 3, 2, 4, 5)
+        out = out.reshape(b, nh * wh, nw * ww, d)[:, :h, :w]
+        return nn.Dense(c, use_bias=False, kernel_init=nn.initializers.zeros, name="out")(out)
+
+
+class SSTA(nn.Module):
+    """Spatio-Spectral Transformer Attention: ``SSTA(x) = ACC(x) + NL(x)``.
+
+    The non-local branch is zero-initialised, so at initialisation the attention is governed by
+    the spectral coupling alone ("governed by the spectral features in the majority").
+    """
+    recurrent: bool = True
+    window: int = 64
+    nl_reduction: int = 2
+    use_nonlocal: bool = True
+    window_batch: int | None = 16
+    unroll: int | bool = 1
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = ACC(recurrent=self.recurrent, unroll=self.unroll, impl=self.impl, name="acc")(x)
+        if self.use_nonlocal:
+            y = y + WindowedNonLocal(self.window, self.nl_reduction, self.window_batch,
+                                     name="nonlocal")(x)
+        return y
+
+
+class ACCTransformerBlock(nn.Module):
+    """Fig. 1C: ``x = x + SSTA(BN(x)); x = x + FFN(BN(x))`` (BatchNorm pre-norm).
+
+    BatchNorm: ``nn.BatchNorm(use_running_average=not train, momentum=0.9)`` (PyTorch's
+    momentum 0.1), statistics in the ``batch_stats`` collection.  FFN: the MST feed-forward
+    ``1x1 (C -> 4C) -> GELU -> dw3x3 -> GELU -> 1x1 (4C -> C)`` (``layers.FeedForward``).
+    """
+    recurrent: bool = True
+    window: int = 64
+    nl_reduction: int = 2
+    use_nonlocal: bool = True
+    ffn_mult: int = 4
+    window_batch: int | None = 16
+    unroll: int | bool = 1
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                               epsilon=1e-5)
+        x = x + SSTA(self.recurrent, self.window, self.nl_reduction, self.use_nonlocal,
+                     self.window_batch, self.unroll, self.impl, name="ssta")(bn(name="bn_1")(x))
+        x = x + layers.FeedForward(x.shape[-1], self.ffn_mult, impl=self.impl,
+                                   name="ffn")(bn(name="bn_2")(x))
+        return x
+
+
+def depthwise_conv_strided(x: Array, kernel: Array, stride: int, padding: int,
+                           impl: str = "auto") -> Array:
+    """Strided depthwise conv ``y[b,i,j,c] = sum_{u,v} x_pad[b, s i + u, s j + v, c] k[u, v, c]``.
+
+    ``kernel`` (kh, kw, C), symmetric zero padding ``padding``.  Shift-add with strided slices
+    on CPU, grouped ``lax.conv_general_dilated`` elsewhere (``layers.resolve_depthwise_impl``).
+    """
+    kh, kw, c = kernel.shape
+    if x.shape[-1] != c:
+        raise ValueError(f"kernel has {c} channels, x has {x.shape[-1]}")
+    if layers.resolve_depthwise_impl(impl) == "lax":
+        return jax.lax.conv_general_dilated(
+            x, kernel[:, :, None, :], (stride, stride), ((padding, padding),) * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho = (xp.shape[1] - kh) // stride + 1
+    wo = (xp.shape[2] - kw) // stride + 1
+    y = None
+    for u in range(kh):
+        for v in range(kw):
+            term = xp[:, u:u + stride * (ho - 1) + 1:stride,
+                      v:v + stride * (wo - 1) + 1:stride, :] * kernel[u, v]
+            y = term if y is None else y + term
+    return y
+
+
+class SeparableConv(nn.Module):
+    """Depthwise ``k x k`` (stride ``s``, no bias) followed by a pointwise ``1x1`` conv (no bias).
+
+    ``k=4, s=2, padding=1`` halves the resolution (the MST down-sampling geometry);
+    ``k=3, s=1, padding=1`` keeps it.  Parameters: ``dw`` (k, k, C_in) and ``pw`` (C_in, C_out).
+    """
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int = 1
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        k = self.kernel_size
+        dw = self.param("dw", layers.torch_kernel_init(in_axis=-2, out_axis=-1), (k, k, 1, c))
+        y = depthwise_conv_strided(x, dw[:, :, 0, :], self.stride, self.padding, self.impl)
+        pw = self.param("pw", layers.torch_kernel_init(), (1, 1, c, self.features))
+        return jnp.einsum("...c,co->...o", y, pw[0, 0])
+
+
+class MSSSF(nn.Module):
+    """Multi-Scale Spatio-Spectral Feature block (Fig. 1B), a U-Net of ACC transformer blocks.
+
+    Encoder level ``l`` (``dim_l = dim 2^l``): ``num_blocks[l]`` :class:`ACCTransformerBlock`,
+    keep the skip, down-sample with a separable conv (dw 4x4 stride 2 + pw ``dim_l -> 2 dim_l``);
+    bottleneck: ``num_blocks[levels]`` blocks; decoder level ``l``: 2x2 stride-2 transposed conv
+    to ``dim_l``, concat the skip, pointwise fuse ``2 dim_l -> dim_l``, ``num_blocks[l]``
+    blocks; output separable 3x3 conv; residual.  The non-local window at level ``l`` is
+    ``window / 2^l`` so a window covers the same image area at every level (and at train and
+    test time).  ``H, W`` must be multiples of ``2^levels``.
+    """
+    dim: int = 31
+    levels: int = 2
+    num_blocks: Sequence[int] = (1, 1, 1)
+    recurrent: bool = True
+    window: int = 64
+    nl_reduction: int = 2
+    use_nonlocal: bool = True
+    ffn_mult: int = 4
+    window_batch: int | None = 16
+    unroll: int | bool = 1
+    impl: str = "auto"
+
+    def _blocks(self, x, level, n, prefix, train):
+        for k in range(n):
+            x = ACCTransformerBlock(
+                self.recurrent, max(self.window >> level, 1), self.nl_reduction,
+                self.use_nonlocal, self.ffn_mult, self.window_batch, self.unroll, self.impl,
+                name=f"{prefix}_block_{k}")(x, train)
+        return x
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        if len(self.num_blocks) != self.levels + 1:
+            raise ValueError(f"num_blocks needs levels+1 = {self.levels + 1} entries; got "
+                             f"{tuple(self.num_blocks)}")
+        m = 2 ** self.levels
+        if x.shape[1] % m or x.shape[2] % m:
+            raise ValueError(f"MSSSF with {self.levels} levels needs H, W multiples of {m}; "
+                             f"got {x.shape[1]}x{x.shape[2]}")
+        fea = SeparableConv(self.dim, 3, 1, 1, self.impl, name="embedding")(x)
+        skips, d = [], self.dim
+        for lvl in range(self.levels):
+            fea = self._blocks(fea, lvl, self.num_blocks[lvl], f"encoder_{lvl}", train)
+            skips.append(fea)
+            fea = SeparableConv(2 * d, 4, 2, 1, self.impl, name=f"down_{lvl}")(fea)
+            d *= 2
+        fea = self._blocks(fea, self.levels, self.num_blocks[self.levels], "bottleneck", train)
+        for lvl in reversed(range(self.levels)):
+            d //= 2
+            fea = layers.ConvTranspose2d(d, stride=2, use_bias=True, name=f"up_{lvl}")(fea)
+            fea = jnp.concatenate([fea, skips[lvl]], axis=-1)
+            fea = layers.Conv2d(d, (1, 1), name=f"fuse_{lvl}")(fea)
+            fea = self._blocks(fea, lvl, self.num_blocks[lvl], f"decoder_{lvl}", train)
+        return SeparableConv(self.dim, 3, 1, 1, self.impl, name="mapping")(fea) + x
+
+
+class ACCNet(nn.Module):
+    """End-to-end ACC spectral transformer (Fig. 1A).
+
+    ``rgb (B, H, W, 3) -> stem 3x3 conv (in -> dim) -> MS-SSF U-Net(s) -> pointwise conv
+    (dim -> out, zero-initialised) -> + stem features`` (global residual), then crop.  Inputs are reflect-padded
+    to a multiple of ``2^levels``.  ``__call__(rgb, train=False)``; BatchNorm statistics live in
+    ``batch_stats`` (``mutable=["batch_stats"]`` when ``train=True``).
+    """
+    in_channels: int = 3
+    out_channels: int = 31
+    dim: int = 31
+    levels: int = 2
+    num_blocks: Sequence[int] = (1, 1, 1)
+    stages: int = 1
+    recurrent: bool = True
+    window: int = 64
+    nl_reduction: int = 2
+    use_nonlocal: bool = True
+    ffn_mult: int = 4
+    window_batch: int | None = 16
+    unroll: int | bool = 1
+    dw_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, rgb: Array, train: bool = False) -> Array:
+        if rgb.ndim != 4 or rgb.shape[-1] != self.in_channels:
+            raise ValueError(f"ACCNet expects rgb of shape (B, H, W, {self.in_channels}); got "
+                             f"{tuple(rgb.shape)}")
+        if self.out_channels != self.dim:
+            raise ValueError(f"the global residual adds the stem features to the output: "
+                             f"out_channels ({self.out_channels}) must equal dim ({self.dim})")
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
+        h, w = rgb.shape[1], rgb.shape[2]
+        x = layers.pad_to_multiple(jnp.asarray(rgb, jnp.float32), 2 ** self.levels, "reflect")
+        stem = layers.Conv2d(self.dim, (3, 3), name="stem")(x)
+        fea = stem
+        for s in range(self.stages):
+            fea = MSSSF(self.dim, self.levels, tuple(self.num_blocks), self.recurrent,
+                        self.window, self.nl_reduction, self.use_nonlocal, self.ffn_mult,
+                        self.window_batch, self.unroll, self.dw_impl, name=f"msssf_{s}")(fea, train)
+        # pointwise output conv, zero-initialised: at initialisation the prediction is the
+        # stem's linear RGB -> spectrum map and the transformer body learns the residual.
+        w_out = self.param("out", nn.initializers.zeros, (self.dim, self.out_channels))
+        out = jnp.einsum("bhwc,co->bhwo", fea, w_out) + stem
+        return layers.crop_to(out, (h, w))
+
+
+_ARCH_KEYS = tuple(f.name for f in __import__("dataclasses").fields(ACCNet)
+                   if f.name not in ("parent", "name"))
+
+
+def make_model(model_cfg: Mapping[str, Any]) -> ACCNet:
+    """Build :class:`ACCNet` from ``Config.model``; unknown keys raise ``ValueError``."""
+    unknown = set(model_cfg) - set(_ARCH_KEYS)
+    if unknown:
+        raise ValueError(f"unknown ACC model options {sorted(unknown)}; allowed: "
+                         f"{list(_ARCH_KEYS)}")
+    cfg = dict(model_cfg)
+    if "num_blocks" in cfg:
+        cfg["num_blocks"] = tuple(cfg["num_blocks"])
+    return ACCNet(**cfg)
+
+
+def _presets():
+    from jaxspec.configs import acc as cfgs
+    return {"paper": cfgs.paper, "cpu": cfgs.cpu, "smoke": cfgs.smoke}
+
+
+registry.register(registry.Method(
+    name="acc",
+    make_model=make_model,
+    presets=_presets(),
+    step_kind="supervised",
+    description=("ACC spectral transformer: MS-SSF U-Net of BN transformer blocks with "
+                 "adjacent-channel-coupled spectral attention + windowed non-local attention"),
+    reference=("A. K. Sinha. Improving the Lipschitz Stability in Spectral Transformer through "
+               "Nearest Neighbour Coupling. ICML 2023 Workshop on Synergy of Scientific and "
+               "Machine Learning Modeling (SynS & ML)."),
+    paper_params_m=1.18,
+    paper_gflops=36.84,
+    paper_gflops_input=(482, 512),
+    stride=1,
+))

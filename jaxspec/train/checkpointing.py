@@ -1,0 +1,146 @@
+"""Checkpoints (the only module that knows orbax).
+
+Layout under ``<workdir>/checkpoints``::
+
+    latest/<step>/state/   params, opt_state, batch_stats, step, rng (orbax StandardSave)
+    latest/<step>/meta/    JSON: step, data position (next batch index), config, ...
+    best/<step>/state/     params, batch_stats of the best validation MRAE so far
+    best/<step>/meta/      JSON incl. the validation metrics
+
+``latest`` keeps the last ``keep_last`` steps; ``best`` keeps one (orbax ``best_fn`` on the
+validation MRAE, mode "min"). Saves are asynchronous (the train loop continues while the arrays
+are written); a save is only visible after orbax's atomic rename, so a process killed mid-save
+leaves the previous checkpoint as the latest one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+LATEST, BEST = "latest", "best"
+
+
+def _abstract(tree):
+    """ShapeDtypeStruct target (with the live arrays' shardings) for a restore."""
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+    return jax.tree.map(leaf, tree)
+
+
+class Checkpointer:
+    """Keep-last-N + best-by-validation-MRAE checkpoints of a training run."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3,
+                 async_save: bool = True, read_only: bool = False):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.directory = Path(directory).absolute()
+        common = dict(enable_async_checkpointing=async_save, read_only=read_only,
+                      create=not read_only)
+        if read_only:
+            common["save_interval_steps"] = 0
+        self._latest = ocp.CheckpointManager(
+            self.directory / LATEST, options=ocp.CheckpointManagerOptions(
+                max_to_keep=None if read_only else keep_last, **common))
+        self._best = ocp.CheckpointManager(
+            self.directory / BEST, options=ocp.CheckpointManagerOptions(
+                max_to_keep=None if read_only else 1, best_fn=lambda m: float(m["mrae"]),
+                best_mode="min", keep_checkpoints_without_metrics=False, **common))
+
+    # ---- queries ------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        return self._latest.latest_step()
+
+    def best_step(self) -> int | None:
+        return self._best.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._latest.all_steps())
+
+    # ---- save ---------------------------------------------------------------------------
+    def save(self, step: int, state_tree: dict, meta: dict, force: bool = True) -> bool:
+        """Asynchronously save the full training state (``TrainState.to_pytree()``)."""
+        return self._latest.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(dict(meta))),
+            force=force)
+
+    def save_best(self, step: int, variables_tree: dict, metrics: dict, meta: dict) -> bool:
+        """Offer (params, batch_stats) with validation ``metrics`` (needs ``"mrae"``)."""
+        if "mrae" not in metrics:
+            raise ValueError("save_best needs metrics['mrae']")
+        metrics = {k: float(v) for k, v in metrics.items()}
+        return self._best.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(variables_tree),
+            meta=ocp.args.JsonSave({**dict(meta), "metrics": metrics})),
+            metrics=metrics, force=True)
+
+    # ---- restore ------------------------------------------------------------------------
+    def restore(self, target_tree: dict, step: int | None = None) -> tuple[dict, dict]:
+        """Restore the full state into the structure/shardings of ``target_tree``."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory / LATEST}")
+        out = self._latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(target_tree)), meta=ocp.args.JsonRestore()))
+        return out.state, out.meta
+
+    def restore_variables(self, target_tree: dict | None = None, which: str = BEST,
+                          step: int | None = None) -> tuple[dict, dict]:
+        """(params, batch_stats) from the best (default) or latest checkpoint.
+
+        Without ``target_tree`` the arrays come back as restored by orbax (on the default
+        device); with it, in its structure and shardings.
+        """
+        mngr = self._best if which == BEST else self._latest
+        if step is None:
+            step = self.best_step() if which == BEST else self.latest_step()
+            if step is None and which == BEST:
+                mngr, step = self._latest, self.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restore_args = (ocp.args.StandardRestore(_abstract(target_tree))
+                        if target_tree is not None else ocp.args.StandardRestore())
+        if mngr is self._latest and target_tree is not None:
+            # The latest checkpoint holds the full state: restore only the needed subtrees.
+            abstract = _abstract(target_tree)
+            restore_args = ocp.args.PyTreeRestore(
+                item=abstract, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+        out = mngr.restore(step, args=ocp.args.Composite(state=restore_args,
+                                                         meta=ocp.args.JsonRestore()))
+        state = out.state
+        return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, out.meta
+
+    def read_meta(self, which: str = LATEST, step: int | None = None) -> dict:
+        mngr = self._best if which == BEST else self._latest
+        step = (mngr.best_step() if which == BEST else mngr.latest_step()) if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no {which} checkpoint in {self.directory}")
+        return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def wait(self) -> None:
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self._latest.close()
+        self._best.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+    d = Path(workdir) / "checkpoints"
+    return any((d / sub).is_dir() and any(p.name.isdigit() for p in (d / sub).iterdir())
+               for sub in (LATEST, BEST))

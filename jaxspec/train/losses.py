@@ -1,0 +1,83 @@
+"""Training losses on (B, H, W, C) spectral cubes, selected by ``Config.loss``.
+
+All losses reduce to a scalar mean over every element of the batch (the MST++ convention:
+the MRAE loss is the mean over N*C*H*W elements, not a mean of per-image means; the two are
+equal for equal-sized crops).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+LossFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def mrae_loss(pred, gt, eps: float = 0.0):
+    """Mean relative absolute error  L = mean(|pred - gt| / (gt + eps)).
+
+    ``eps=0`` is MST++'s ``Loss_MRAE`` exactly (gt must be positive: our datasets floor the
+    reflectance so gt > 0). The 2024 ``Loss_MRAE_custom`` variant corresponds to replacing zeros
+    of gt by 1e-8; use ``mrae_eps`` for data with zeros.
+    """
+    return jnp.mean(jnp.abs(pred - gt) / (gt + eps))
+
+
+def mrae_eps_loss(pred, gt):
+    """MRAE with zeros of gt replaced by 1e-8 in the denominator (MST++ ``Loss_MRAE_custom``)."""
+    denom = jnp.where(gt == 0, 1e-8, gt)
+    return jnp.mean(jnp.abs(pred - gt) / denom)
+
+
+def l1_loss(pred, gt):
+    """L = mean(|pred - gt|)."""
+    return jnp.mean(jnp.abs(pred - gt))
+
+
+def mse_loss(pred, gt):
+    """L = mean((pred - gt)^2)."""
+    return jnp.mean(jnp.square(pred - gt))
+
+
+def rmse_loss(pred, gt):
+    """L = sqrt(mean((pred - gt)^2)) over the whole batch."""
+    return jnp.sqrt(jnp.mean(jnp.square(pred - gt)))
+
+
+def sam_loss(pred, gt, eps: float = 1e-8):
+    """Mean spectral angle (radians): mean_pixels arccos(<p, g> / (|p| |g|)), clipped for safety."""
+    num = jnp.sum(pred * gt, axis=-1)
+    den = jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(gt, axis=-1) + eps
+    return jnp.mean(jnp.arccos(jnp.clip(num / den, -1.0 + 1e-7, 1.0 - 1e-7)))
+
+
+LOSSES: dict[str, LossFn] = {
+    "mrae": mrae_loss,
+    "mrae_eps": mrae_eps_loss,
+    "l1": l1_loss,
+    "mse": mse_loss,
+    "rmse": rmse_loss,
+    "sam": sam_loss,
+}
+
+
+def get_loss(name: str) -> LossFn:
+    """Loss by name; ``"a+0.1*b"`` sums weighted named losses (e.g. ``"mrae+0.1*sam"``)."""
+    if name in LOSSES:
+        return LOSSES[name]
+    terms = []
+    for term in name.split("+"):
+        w, _, n = term.strip().rpartition("*")
+        n = n.strip()
+        if n not in LOSSES:
+            raise ValueError(f"unknown loss {n!r} in {name!r}; available: {sorted(LOSSES)}")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError as e:
+            raise ValueError(f"bad loss weight {w!r} in {name!r}") from e
+        terms.append((weight, LOSSES[n]))
+
+    def combined(pred, gt):
+        return sum(wt * fn(pred, gt) for wt, fn in terms)
+
+    return combined
