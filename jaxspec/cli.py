@@ -67,6 +67,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # orbax/tfds log every checkpoint write at INFO through absl: keep their warnings only
+    for name in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         cfg = config_from_args(args)
     except ValueError as e:

@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from jaxspec.configs.base import Config
+from jaxspec.configs.base import CPU_BUILTIN, PAPER_ARAD1K, SMOKE, Config, make_preset
 
 # 3-level MS-SSF U-Net (31 -> 62 -> 124 channels); blocks per level calibrated to ~1.18 M params.
 MODEL = dict(in_channels=3, out_channels=31, dim=31, levels=2, num_blocks=(1, 2, 6), stages=1,
@@ -20,30 +20,17 @@ MODEL = dict(in_channels=3, out_channels=31, dim=31, levels=2, num_blocks=(1, 2,
 
 
 def paper() -> Config:
-    return Config(
-        method="acc", preset="paper", model=dict(MODEL),
-        dataset="arad1k", crop=64, batch_size=20, rgb_norm="div255", eval_crop_border=128,
-        steps=300_000, optimizer="adam", lr=2e-4, lr_min=1e-6, warmup_steps=0,
-        schedule="cosine", b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=None, loss="mrae",
-        log_every=100, eval_every=1000, ckpt_every=1000,
+    return make_preset(
+        "acc", "paper", MODEL, PAPER_ARAD1K, crop=64, batch_size=20, rgb_norm="div255",
+        steps=300_000, lr=2e-4,
         extra={"augment": "flips",
                "note": "300 epochs read as 300 x 1000 iterations (MST++ convention)"})
 
 
 def cpu() -> Config:
-    return Config(
-        method="acc", preset="cpu", model=dict(MODEL),
-        dataset="spectral_scenes", crop=16, batch_size=8, rgb_norm="none",
-        eval_crop_border=0, max_eval_images=8,
-        steps=800, optimizer="adam", lr=2e-3, lr_min=1e-6, warmup_steps=20,
-        schedule="cosine", b1=0.9, b2=0.999, loss="mrae",
-        log_every=25, eval_every=200, ckpt_every=200)
+    return make_preset("acc", "cpu", MODEL, CPU_BUILTIN, crop=16, batch_size=8, steps=800,
+                       lr=2e-3, warmup_steps=20, loss="mrae", eval_every=200, ckpt_every=200)
 
 
 def smoke() -> Config:
-    return Config(
-        method="acc", preset="smoke", model=dict(MODEL),
-        dataset="spectral_scenes", crop=16, batch_size=2, rgb_norm="none",
-        eval_crop_border=0, max_eval_images=2,
-        steps=2, optimizer="adam", lr=2e-4, lr_min=1e-6, warmup_steps=0,
-        schedule="cosine", loss="mrae", log_every=1, eval_every=2, ckpt_every=2)
+    return make_preset("acc", "smoke", MODEL, SMOKE, rgb_norm="none")

@@ -139,7 +139,9 @@ def apply_overrides(config: Config, overrides: "list[str] | Mapping[str, Any]") 
             if "=" not in item:
                 raise ValueError(f"override {item!r} is not of the form key=value")
             k, v = item.split("=", 1)
-            items.append((k.strip(), _parse_literal(v), True))
+            k = k.strip()
+            # a plain-str field takes the text as written ("rgb_norm=none" is "none", not None)
+            items.append((k, v.strip() if hints.get(k) is str else _parse_literal(v), True))
     updates: dict[str, Any] = {}
     for key, value, _ in items:
         head, _, rest = key.partition(".")
@@ -154,3 +156,25 @@ def apply_overrides(config: Config, overrides: "list[str] | Mapping[str, Any]") 
         else:
             updates[head] = _coerce(value, hints[head], key)
     return config.replace(**updates) if updates else config
+
+
+# ----------------------------------------------------------------------------- preset scaffolding
+# Settings shared by every method's presets; a method's preset states only what is its own.
+PAPER_ARAD1K = dict(  # the NTIRE 2022 / ARAD-1K protocol the RGB->HSI papers train and test on
+    dataset="arad1k", eval_crop_border=128, optimizer="adam", lr_min=1e-6, warmup_steps=0,
+    schedule="cosine", b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=None, loss="mrae",
+    log_every=100, eval_every=1000, ckpt_every=1000)
+CPU_BUILTIN = dict(  # a few minutes on 2 CPU cores on the built-in data (linear RGB in [0, 1])
+    dataset="spectral_scenes", rgb_norm="none", eval_crop_border=0, max_eval_images=8,
+    optimizer="adam", lr_min=1e-6, schedule="cosine", b1=0.9, b2=0.999, log_every=25)
+SMOKE = dict(  # two steps, for tests
+    dataset="spectral_scenes", crop=16, batch_size=2, eval_crop_border=0, max_eval_images=2,
+    steps=2, optimizer="adam", lr=2e-4, lr_min=1e-6, warmup_steps=0, schedule="cosine",
+    loss="mrae", log_every=1, eval_every=2, ckpt_every=2)
+
+
+def make_preset(method: str, preset: str, model: Mapping[str, Any], base: Mapping[str, Any],
+                **own: Any) -> Config:
+    """``Config(method, preset, model, **base, **own)``: ``own`` overrides ``base`` (a copy of the
+    ``model`` mapping is taken so presets never share it)."""
+    return Config(method=method, preset=preset, model=dict(model), **{**dict(base), **own})

@@ -79,25 +79,50 @@ def _diagnostics(loss, grads, params, lr) -> dict:
             "param_norm": optax.global_norm(params), "lr": jnp.asarray(lr, jnp.float32)}
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(config: Config):
+    """``config.compute_dtype`` as a dtype; only float32 and bfloat16 are supported."""
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got "
+                         f"{config.compute_dtype!r}")
+    return jnp.dtype(config.compute_dtype)
+
+
+def cast_floating(tree, dtype):
+    """Cast the floating-point leaves of ``tree`` to ``dtype`` (integer leaves untouched)."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a,
+        tree)
+
+
 @register_step_kind("supervised")
 def supervised_step(model, config: Config, method=None) -> StepFn:
+    """Plain supervised step. With ``compute_dtype="bfloat16"`` (mixed precision) the forward
+    and backward passes run on bf16 copies of the float32 parameters and of the RGB batch; the
+    loss, the gradients (cast back through ``astype``), the optimizer state and the BatchNorm
+    statistics stay float32."""
     loss_fn = losses_lib.get_loss(config.loss)
     schedule = optim.make_schedule(config)
     streams = tuple(getattr(method, "rng_streams", ()) or ())
+    cdt = compute_dtype(config)
+    mixed = cdt != jnp.float32
 
     def step(state, batch):
         rngs = step_rngs(state, streams)
         has_bs = bool(state.batch_stats)
+        rgb = batch["rgb"].astype(cdt) if mixed else batch["rgb"]
 
         def objective(params):
-            variables = {"params": params}
+            variables = {"params": cast_floating(params, cdt) if mixed else params}
             if has_bs:
                 variables["batch_stats"] = state.batch_stats
-                pred, new_vars = state.apply_fn(variables, batch["rgb"], train=True, rngs=rngs,
+                pred, new_vars = state.apply_fn(variables, rgb, train=True, rngs=rngs,
                                                 mutable=["batch_stats"])
-                new_bs = new_vars["batch_stats"]
+                new_bs = cast_floating(new_vars["batch_stats"], jnp.float32)
             else:
-                pred = state.apply_fn(variables, batch["rgb"], train=True, rngs=rngs)
+                pred = state.apply_fn(variables, rgb, train=True, rngs=rngs)
                 new_bs = state.batch_stats
             return loss_fn(pred.astype(jnp.float32), batch["hsi"]), new_bs
 
@@ -148,6 +173,9 @@ def group_step(param_labels, group_losses: Mapping[str, Callable], schedule=None
 
 @register_step_kind("groups")
 def groups_step(model, config: Config, method=None) -> StepFn:
+    if compute_dtype(config) != jnp.float32:
+        raise ValueError("compute_dtype='bfloat16' is implemented for the 'supervised' step kind "
+                         f"only; method {config.method!r} uses 'groups'")
     opts = dict(getattr(method, "step_options", {}) or {})
     for key in ("param_labels", "losses", "groups"):
         if key not in opts:
