@@ -17,9 +17,8 @@ import re
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from jaxspec.data import readers
+from jaxspec.data import builder_utils
 
 #: Pixels dropped on each side before scoring (NTIRE 2022 ``Conf.CROP = [128:-128, 128:-128]``).
 EVAL_CROP_BORDER = 128
@@ -42,44 +41,38 @@ EXPECTED_LAYOUT = """\
   The folders may also sit one level down, e.g. <manual_dir>/ARAD_1K/Train_Spec/."""
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.RealDatasetBuilder):
     """ARAD-1K (NTIRE 2022 spectral recovery): 31-band cubes with 8-bit JPEG RGB."""
 
     name = "arad1k"
     EVAL_CROP_BORDER = EVAL_CROP_BORDER  # read by jaxspec.train.loop.protocol_crop_border
-    VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: MST++ 897/50 split."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Register for the NTIRE 2022 Spectral Reconstruction challenge (CodaLab) or follow the download
 links in the MST++ README (github.com/caiyuanhao1998/MST-plus-plus). Extract the training and
 validation spectral and RGB archives into manual_dir:
 {EXPECTED_LAYOUT}"""
+    EXPECTED_LAYOUT = EXPECTED_LAYOUT
+    N_BANDS = N_BANDS
+    HSI_SCALE = "as stored (about [0, 1])"
+    RGB_SCALE = "0..255 (8-bit JPEG)"
+    HOMEPAGE = "https://codalab.lisn.upsaclay.fr/competitions/721"
+    CITATION = ("Arad et al., NTIRE 2022 Spectral Recovery Challenge and Data Set, CVPRW 2022; "
+                "Cai et al., MST++, CVPRW 2022 (split).")
+    LICENSE = "Research use per the NTIRE 2022 challenge terms."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=readers.common_features(N_BANDS),
-            metadata=tfds.core.MetadataDict(eval_crop_border=EVAL_CROP_BORDER,
-                                            hsi_scale="as stored (about [0, 1])",
-                                            rgb_scale="0..255 (8-bit JPEG)"),
-            disable_shuffling=True,
-            homepage="https://codalab.lisn.upsaclay.fr/competitions/721",
-            citation=("Arad et al., NTIRE 2022 Spectral Recovery Challenge and Data Set, CVPRW 2022; "
-                      "Cai et al., MST++, CVPRW 2022 (split)."),
-            license="Research use per the NTIRE 2022 challenge terms.",
-        )
+    def _extra_metadata(self) -> dict:
+        return {"eval_crop_border": EVAL_CROP_BORDER}
 
     def _split_generators(self, dl_manager):
-        root = readers.manual_root(dl_manager, self.name, EXPECTED_LAYOUT)
+        root = self.manual_root(dl_manager)
         pairs = find_pairs(root)
         splits = {}
         for split, ids in (("train", TRAIN_IDS), ("validation", VALID_IDS)):
             chosen = [(i, *pairs[i]) for i in ids if i in pairs]
             if not chosen:
-                raise readers.missing_layout_error(
-                    self.name, root, EXPECTED_LAYOUT,
-                    f"any {split} scene (ARAD_1K_{ids[0]:04d}..{ids[-1]:04d}.mat with its .jpg)")
+                scenes = f"ARAD_1K_{ids[0]:04d}..{ids[-1]:04d}.mat with its .jpg"
+                raise self.layout_error(root, f"any {split} scene ({scenes})")
             splits[split] = self._generate_examples(chosen)
         return splits
 
@@ -95,21 +88,17 @@ def find_pairs(root: Path) -> dict[int, tuple[Path, Path]]:
     """
     spec_dirs = [d for name in SPEC_DIRS for d in _dirs(root, name)]
     if not spec_dirs:
-        raise readers.missing_layout_error(
-            "arad1k", root, EXPECTED_LAYOUT, f"a spectral folder ({' or '.join(SPEC_DIRS)})")
+        raise Builder.layout_error(root, f"a spectral folder ({' or '.join(SPEC_DIRS)})")
     rgb_dirs = [d for name in RGB_DIRS for d in _dirs(root, name)]
     if not rgb_dirs:
-        raise readers.missing_layout_error(
-            "arad1k", root, EXPECTED_LAYOUT, f"an RGB folder ({' or '.join(RGB_DIRS)})")
+        raise Builder.layout_error(root, f"an RGB folder ({' or '.join(RGB_DIRS)})")
     mats: dict[int, Path] = {}
     for d in spec_dirs:
-        for p in sorted(d.glob("ARAD_1K_*.mat")):
-            m = _ID.match(p.stem)
-            if m:
-                mats.setdefault(int(m.group(1)), p)
+        found = builder_utils.scan_files(d, "ARAD_1K_*.mat", _scene_id, recursive=False)
+        for i, p in found.items():
+            mats.setdefault(i, p)
     if not mats:
-        raise readers.missing_layout_error(
-            "arad1k", root, EXPECTED_LAYOUT, f"ARAD_1K_*.mat in {[str(d) for d in spec_dirs]}")
+        raise Builder.layout_error(root, f"ARAD_1K_*.mat in {[str(d) for d in spec_dirs]}")
     pairs = {}
     for i, mat in sorted(mats.items()):
         jpg = next((d / f"ARAD_1K_{i:04d}.jpg" for d in rgb_dirs
@@ -122,22 +111,17 @@ def find_pairs(root: Path) -> dict[int, tuple[Path, Path]]:
     return pairs
 
 
+def _scene_id(path: Path) -> int | None:
+    m = _ID.match(path.stem)
+    return int(m.group(1)) if m else None
+
+
 def _dirs(root: Path, name: str) -> list[Path]:
     return [d for d in (root / name, root / "ARAD_1K" / name, *sorted(root.glob(f"*/{name}")))
             if d.is_dir()][:1]
 
 
 def load_example(mat: Path, jpg: Path) -> dict:
-    """One example: the v7.3 ``cube`` (``.T`` -> (H, W, 31)) and its JPEG (RGB order)."""
-    data = readers.read_mat(mat, "cube", optional=["bands"])
-    cube = readers.check_cube(data["cube"], mat, N_BANDS)
-    bands = DEFAULT_BANDS
-    if "bands" in data:
-        bands = np.asarray(data["bands"], np.float32).reshape(-1)
-        if bands.shape != (N_BANDS,):
-            raise ValueError(f"{mat}: 'bands' has {bands.size} values, expected {N_BANDS}")
-    rgb = readers.read_rgb_image(jpg)
-    if rgb.shape[:2] != cube.shape[:2]:
-        raise ValueError(f"{jpg}: RGB size {rgb.shape[:2]} differs from cube {mat} {cube.shape[:2]}")
-    return {"hsi": cube, "rgb": rgb.astype(np.float32), "bands": bands, "name": mat.stem}
-
+    """One example: the v7.3 ``cube`` (``.T`` -> (H, W, 31)), its ``bands`` (default 400..700
+    nm) and its JPEG (RGB order, 0..255)."""
+    return builder_utils.cube_rgb_example(mat, jpg, n_bands=N_BANDS, default_bands=DEFAULT_BANDS)

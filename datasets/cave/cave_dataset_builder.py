@@ -26,9 +26,8 @@ import re
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from jaxspec.data import readers
+from jaxspec.data import builder_utils, readers
 
 N_BANDS = 31
 BANDS = np.arange(400.0, 701.0, 10.0, dtype=np.float32)
@@ -51,77 +50,62 @@ EXPECTED_LAYOUT = """\
 
 
 @dataclasses.dataclass(eq=False)
-class CaveConfig(tfds.core.BuilderConfig):
+class CaveConfig(builder_utils.RenderConfig):
     """``n_train``: training scenes out of the full 32 (rest test); ``srf``: RGB rendering SRF
     name for :func:`jaxspec.physics.get_srf`."""
     n_train: int = 20
-    srf: str = "cie1964"
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.RealDatasetBuilder):
     """CAVE: 32 indoor scenes, 31 bands 400-700 nm, 16-bit reflectance PNGs."""
 
     name = "cave"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
         CaveConfig(name="default", description="Alphabetical first 20 train / last 12 test; "
                    "RGB = hsi @ CIE-1964 SRF.", n_train=20, srf="cie1964"),
         CaveConfig(name="fusion", description="Alphabetical first 16 train / last 16 test; "
                    "RGB = hsi @ CIE-1964 SRF.", n_train=16, srf="cie1964"),
     ]
-    DEFAULT_CONFIG_NAME = "default"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download complete_ms_data.zip from https://cave.cs.columbia.edu/repository/Multispectral and
 extract it into manual_dir:
 {EXPECTED_LAYOUT}"""
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=readers.common_features(N_BANDS, srf=True),
-            metadata=tfds.core.MetadataDict(hsi_scale="reflectance [0, 1] (PNG / 65535)",
-                                            rgb_scale="linear, hsi @ srf",
-                                            srf=self.builder_config.srf),
-            disable_shuffling=True,
-            homepage="https://cave.cs.columbia.edu/repository/Multispectral",
-            citation=("Yasuma, Mitsunaga, Iso, Nayar, Generalized Assorted Pixel Camera: "
-                      "Postcapture Control of Resolution, Dynamic Range and Spectrum, IEEE TIP 2010."),
-            license="Columbia CAVE research database: free for research use with citation.",
-        )
+    EXPECTED_LAYOUT = EXPECTED_LAYOUT
+    N_BANDS = N_BANDS
+    RENDERED = True
+    HSI_SCALE = "reflectance [0, 1] (PNG / 65535)"
+    HOMEPAGE = "https://cave.cs.columbia.edu/repository/Multispectral"
+    CITATION = ("Yasuma, Mitsunaga, Iso, Nayar, Generalized Assorted Pixel Camera: "
+                "Postcapture Control of Resolution, Dynamic Range and Spectrum, IEEE TIP 2010.")
+    LICENSE = "Columbia CAVE research database: free for research use with citation."
 
     def _split_generators(self, dl_manager):
-        root = readers.manual_root(dl_manager, self.name, EXPECTED_LAYOUT)
-        scenes = find_scenes(root)
-        names = sorted(scenes)
-        n_train = readers.proportional_count(len(names), self.builder_config.n_train, N_SCENES)
+        scenes = find_scenes(self.manual_root(dl_manager))
+        n_train = readers.proportional_count(len(scenes), self.builder_config.n_train, N_SCENES)
+        train, test = builder_utils.split_head(scenes, n_train)
         srf = readers.srf_on_bands(self.builder_config.srf, BANDS)
-        return {
-            "train": self._generate_examples([(n, scenes[n]) for n in names[:n_train]], srf),
-            "test": self._generate_examples([(n, scenes[n]) for n in names[n_train:]], srf),
-        }
+        return {"train": self._generate_examples(train, srf),
+                "test": self._generate_examples(test, srf)}
 
     def _generate_examples(self, items, srf):
         for name, folder in items:
-            hsi = load_scene(folder, name)
-            yield name, {"hsi": hsi, "rgb": readers.render_rgb(hsi, srf), "bands": BANDS,
-                         "name": name, "srf": srf}
+            yield name, builder_utils.rendered_example(load_scene(folder, name), BANDS, name, srf)
 
 
 def find_scenes(root: Path) -> dict[str, Path]:
     """``{scene: folder holding its band PNGs}`` for every ``*_ms_01.png`` below ``root``
     (the first folder in sorted order wins if a scene appears twice)."""
-    scenes: dict[str, Path] = {}
-    for p in sorted(root.rglob("*_ms_01.png")):
-        m = _FIRST_BAND.match(p.name)
-        if m and p.is_file():
-            scenes.setdefault(m.group("scene"), p.parent)
+    first_bands = builder_utils.scan_files(root, "*_ms_01.png", _scene_name)
+    scenes = {scene: p.parent for scene, p in first_bands.items()}
     if len(scenes) < 2:
-        raise readers.missing_layout_error(
-            "cave", root, EXPECTED_LAYOUT,
-            "at least two scenes (<scene>_ms_01.png files)" if scenes else "any <scene>_ms_01.png")
+        raise Builder.layout_error(root, "at least two scenes (<scene>_ms_01.png files)"
+                                   if scenes else "any <scene>_ms_01.png")
     return scenes
+
+
+def _scene_name(path: Path) -> str | None:
+    m = _FIRST_BAND.match(path.name)
+    return m.group("scene") if m else None
 
 
 def load_scene(folder: Path, scene: str) -> np.ndarray:

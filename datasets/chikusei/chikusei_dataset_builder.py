@@ -26,9 +26,8 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from jaxspec.data import readers
+from jaxspec.data import builder_utils, readers
 
 N_BANDS = 128
 #: Band centres when the source carries none (the MATLAB file): 363..1018 nm, evenly spaced.
@@ -45,50 +44,41 @@ EXPECTED_LAYOUT = f"""\
 
 
 @dataclasses.dataclass(eq=False)
-class ChikuseiConfig(tfds.core.BuilderConfig):
+class ChikuseiConfig(builder_utils.RenderConfig):
     """``crop``: (row0, row1, col0, col1), 0-based half-open, of the centre crop;
     ``test_size``: height and width of each test image (taken from the top rows);
     ``patch_size``: side of the non-overlapping training tiles; ``srf``: RGB rendering SRF."""
     crop: tuple = (106, 2410, 143, 2191)
     test_size: int = 512
     patch_size: int = 256
-    srf: str = "cie1964"
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.RealDatasetBuilder):
     """Chikusei: 128-band VNIR airborne scene, SR protocol (4 test images + training tiles)."""
 
     name = "chikusei"
-    VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: SSPSR centre crop, 4 x 512 test, 256 tiles."}
     BUILDER_CONFIGS = [ChikuseiConfig(name="default", description="Centre crop 2304x2048, / max, "
                                       "top 512 rows -> 4 test images, rest -> 256x256 tiles.")]
-    DEFAULT_CONFIG_NAME = "default"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download the MATLAB (or ENVI) version from https://naotoyokoya.com/Download.html
 (Hyperspec_Chikusei_MATLAB.zip / Hyperspec_Chikusei_ENVI.zip) and extract into manual_dir:
 {EXPECTED_LAYOUT}"""
+    EXPECTED_LAYOUT = EXPECTED_LAYOUT
+    N_BANDS = N_BANDS
+    RENDERED = True
+    HSI_SCALE = "global max of the crop = 1"
+    HOMEPAGE = "https://naotoyokoya.com/Download.html"
+    CITATION = ("Yokoya & Iwasaki, Airborne hyperspectral data over Chikusei, Tech. Rep. "
+                "SAL-2016-05-27, Univ. Tokyo, 2016.")
+    LICENSE = "CC BY 3.0 (acknowledgement and citation required)."
 
-    def _info(self) -> tfds.core.DatasetInfo:
+    def _extra_metadata(self) -> dict:
         c = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=readers.common_features(N_BANDS, srf=True),
-            metadata=tfds.core.MetadataDict(hsi_scale="global max of the crop = 1",
-                                            rgb_scale="linear, hsi @ srf", srf=c.srf,
-                                            crop=list(c.crop), test_size=c.test_size,
-                                            patch_size=c.patch_size),
-            disable_shuffling=True,
-            homepage="https://naotoyokoya.com/Download.html",
-            citation=("Yokoya & Iwasaki, Airborne hyperspectral data over Chikusei, Tech. Rep. "
-                      "SAL-2016-05-27, Univ. Tokyo, 2016."),
-            license="CC BY 3.0 (acknowledgement and citation required).",
-        )
+        return {"crop": list(c.crop), "test_size": c.test_size, "patch_size": c.patch_size}
 
     def _split_generators(self, dl_manager):
-        root = readers.manual_root(dl_manager, self.name, EXPECTED_LAYOUT)
-        source = find_source(root)
+        source = find_source(self.manual_root(dl_manager))
         c = self.builder_config
         r0, r1, c0, c1 = (int(v) for v in c.crop)
         if not (0 <= r0 < r1 and 0 <= c0 < c1):
@@ -112,8 +102,7 @@ Download the MATLAB (or ENVI) version from https://naotoyokoya.com/Download.html
             for name, (y, x, h, w) in tiles(c, split):
                 block = np.asarray(arr[r0 + y : r0 + y + h, c0 + x : c0 + x + w, :], np.float64)
                 hsi = readers.check_cube(block / peak, source, N_BANDS)
-                yield name, {"hsi": hsi, "rgb": readers.render_rgb(hsi, srf), "bands": bands,
-                             "name": name, "srf": srf}
+                yield name, builder_utils.rendered_example(hsi, bands, name, srf)
 
 
 def tiles(c: ChikuseiConfig, split: str) -> list[tuple[str, tuple[int, int, int, int]]]:
@@ -136,7 +125,7 @@ def find_source(root: Path) -> Path:
     hits = [h for h in hits if "ground_truth" not in h.name.lower()]
     if hits:
         return hits[0]
-    raise readers.missing_layout_error("chikusei", root, EXPECTED_LAYOUT, f"{MAT_NAME} or {HDR_NAME}")
+    raise Builder.layout_error(root, f"{MAT_NAME} or {HDR_NAME}")
 
 
 class open_source:  # noqa: N801 - used as a context manager

@@ -19,9 +19,8 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from jaxspec.data import readers
+from jaxspec.data import builder_utils, readers
 
 N_BANDS = 31
 BANDS = np.arange(420.0, 721.0, 10.0, dtype=np.float32)
@@ -35,50 +34,38 @@ EXPECTED_LAYOUT = """\
 
 
 @dataclasses.dataclass(eq=False)
-class HarvardConfig(tfds.core.BuilderConfig):
-    srf: str = "cie1964"
+class HarvardConfig(builder_utils.RenderConfig):
+    """``use_calib``: multiply by ``calib.txt`` when present; ``srf``: RGB rendering SRF."""
     use_calib: bool = True
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.RealDatasetBuilder):
     """Harvard: 50 daylight + 27 indoor scenes, 31 bands 420-720 nm, with validity masks."""
 
     name = "harvard"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [HarvardConfig(name="default", description="Every 5th image test; "
                                      "per-image max normalisation; RGB = hsi @ CIE-1964 SRF.")]
-    DEFAULT_CONFIG_NAME = "default"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download CZ_hsdb.zip (and optionally CZ_hsdbi.zip) from
 http://vision.seas.harvard.edu/hyperspec/ and extract into manual_dir:
 {EXPECTED_LAYOUT}"""
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=readers.common_features(N_BANDS, label=True, srf=True),
-            metadata=tfds.core.MetadataDict(hsi_scale="per-image max = 1",
-                                            rgb_scale="linear, hsi @ srf",
-                                            srf=self.builder_config.srf),
-            disable_shuffling=True,
-            homepage="http://vision.seas.harvard.edu/hyperspec/",
-            citation=("Chakrabarti & Zickler, Statistics of Real-World Hyperspectral Images, "
-                      "CVPR 2011."),
-            license="Harvard hyperspectral database: research use with citation.",
-        )
+    EXPECTED_LAYOUT = EXPECTED_LAYOUT
+    N_BANDS = N_BANDS
+    LABEL = RENDERED = True
+    HSI_SCALE = "per-image max = 1"
+    HOMEPAGE = "http://vision.seas.harvard.edu/hyperspec/"
+    CITATION = "Chakrabarti & Zickler, Statistics of Real-World Hyperspectral Images, CVPR 2011."
+    LICENSE = "Harvard hyperspectral database: research use with citation."
 
     def _split_generators(self, dl_manager):
-        root = readers.manual_root(dl_manager, self.name, EXPECTED_LAYOUT)
+        root = self.manual_root(dl_manager)
         folders = [d for d in (readers.find_dir(root, [f]) for f in FOLDERS) if d is not None]
         if not folders:
-            raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT, "CZ_hsdb/")
+            raise self.layout_error(root, "CZ_hsdb/")
         files = sorted((p for d in folders for p in d.glob("*.mat")),
                        key=lambda p: (p.parent.name, p.stem))
         if len(files) < 2:
-            raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT,
-                                               "at least two CZ_hsdb/img*.mat files")
+            raise self.layout_error(root, "at least two CZ_hsdb/img*.mat files")
         test = files[TEST_EVERY - 1 :: TEST_EVERY] or files[-1:]
         train = [p for p in files if p not in test]
         srf = readers.srf_on_bands(self.builder_config.srf, BANDS)
@@ -90,8 +77,7 @@ http://vision.seas.harvard.edu/hyperspec/ and extract into manual_dir:
             calib = find_calib(p, root) if self.builder_config.use_calib else None
             hsi, label = load_image(p, calib)
             name = f"{p.parent.name}/{p.stem}"
-            yield name, {"hsi": hsi, "rgb": readers.render_rgb(hsi, srf), "bands": BANDS,
-                         "name": name, "label": label, "srf": srf}
+            yield name, builder_utils.rendered_example(hsi, BANDS, name, srf, label)
 
 
 def find_calib(mat: Path, root: Path) -> np.ndarray | None:

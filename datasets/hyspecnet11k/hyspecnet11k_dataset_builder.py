@@ -22,9 +22,8 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from jaxspec.data import readers
+from jaxspec.data import builder_utils, readers
 
 N_BANDS_RAW = 224
 #: 0-based indices of the water-vapour bands dropped by HySpecNet-11k (torchgeo, official code).
@@ -75,53 +74,46 @@ EXPECTED_LAYOUT = """\
 
 
 @dataclasses.dataclass(eq=False)
-class HySpecNetConfig(tfds.core.BuilderConfig):
+class HySpecNetConfig(builder_utils.RenderConfig):
+    """``difficulty``: ``"easy"`` (split by patch) or ``"hard"`` (split by tile); ``srf``: RGB
+    rendering SRF."""
     difficulty: str = "easy"
-    srf: str = "cie1964"
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.RealDatasetBuilder):
     """HySpecNet-11k: EnMAP 128 x 128 patches, 202 valid bands 418-2445 nm."""
 
     name = "hyspecnet11k"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
         HySpecNetConfig(name="easy", description="Patch-wise 70/20/10 split.", difficulty="easy"),
         HySpecNetConfig(name="hard", description="Tile-wise 70/20/10 split.", difficulty="hard"),
     ]
-    DEFAULT_CONFIG_NAME = "easy"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download HySpecNet-11k from https://hyspecnet.rsim.berlin/ (all hyspecnet-11k-*.tar.gz parts)
 and extract so that manual_dir holds:
 {EXPECTED_LAYOUT}"""
+    EXPECTED_LAYOUT = EXPECTED_LAYOUT
+    N_BANDS = N_BANDS
+    LABEL = RENDERED = True
+    HSI_SCALE = "reflectance, clip(int16, 0, 10000) / 10000"
+    HOMEPAGE = "https://hyspecnet.rsim.berlin/"
+    CITATION = ("Fuchs & Demir, HySpecNet-11k: A Large-Scale Hyperspectral Dataset for "
+                "Benchmarking Learning-Based Hyperspectral Image Compression Methods, "
+                "IGARSS 2023.")
+    LICENSE = "CC BY 4.0 (HySpecNet-11k); EnMAP data (c) DLR."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=readers.common_features(N_BANDS, label=True, srf=True),
-            metadata=tfds.core.MetadataDict(hsi_scale="reflectance, clip(int16, 0, 10000) / 10000",
-                                            rgb_scale="linear, hsi @ srf",
-                                            srf=self.builder_config.srf,
-                                            invalid_bands=list(INVALID_BANDS)),
-            disable_shuffling=True,
-            homepage="https://hyspecnet.rsim.berlin/",
-            citation=("Fuchs & Demir, HySpecNet-11k: A Large-Scale Hyperspectral Dataset for "
-                      "Benchmarking Learning-Based Hyperspectral Image Compression Methods, "
-                      "IGARSS 2023."),
-            license="CC BY 4.0 (HySpecNet-11k); EnMAP data (c) DLR.",
-        )
+    def _extra_metadata(self) -> dict:
+        return {"invalid_bands": list(INVALID_BANDS)}
 
     def _split_generators(self, dl_manager):
-        root = readers.manual_root(dl_manager, self.name, EXPECTED_LAYOUT)
+        root = self.manual_root(dl_manager)
         base = find_base(root)
         split_dir = base / "splits" / self.builder_config.difficulty
         out = {}
         for split, csv in _CSV.items():
             path = split_dir / csv
             if not path.is_file():
-                raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT, str(path))
+                raise self.layout_error(root, str(path))
             tifs = read_split_csv(path, base / "patches")
             if not tifs:
                 raise ValueError(f"{path}: no entries")
@@ -133,8 +125,7 @@ and extract so that manual_dir holds:
         for tif in tifs:
             hsi, label = load_patch(tif)
             name = tif.name[: -len("-SPECTRAL_IMAGE.TIF")]
-            yield name, {"hsi": hsi, "rgb": readers.render_rgb(hsi, srf), "bands": BANDS,
-                         "name": name, "label": label, "srf": srf}
+            yield name, builder_utils.rendered_example(hsi, BANDS, name, srf, label)
 
 
 def find_base(root: Path) -> Path:
@@ -143,7 +134,7 @@ def find_base(root: Path) -> Path:
         if (cand / "patches").is_dir() and (cand / "splits").is_dir():
             return cand
     first = "patches/" if not (root / "patches").is_dir() else "splits/"
-    raise readers.missing_layout_error("hyspecnet11k", root, EXPECTED_LAYOUT, first)
+    raise Builder.layout_error(root, first)
 
 
 def read_split_csv(path: Path, patches: Path) -> list[Path]:

@@ -13,13 +13,11 @@ Splits (no official one): ``test`` = the 10-image list common in the literature
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from jaxspec.data import readers
+from jaxspec.data import builder_utils, readers
 
 N_BANDS = 31
 DEFAULT_BANDS = np.arange(400.0, 701.0, 10.0, dtype=np.float32)
@@ -35,72 +33,51 @@ EXPECTED_LAYOUT = """\
   <manual_dir>/**/<image>.mat   (MATLAB v7.3, keys 'rad' (and 'bands'); 31-band files, any
   folder depth), including the 10 test images, e.g. <manual_dir>/BGU_0522-1203.mat"""
 
-
-@dataclasses.dataclass(eq=False)
-class IcvlConfig(tfds.core.BuilderConfig):
-    srf: str = "cie1964"
+#: ICVL's config: the SRF of the rendered RGB only.
+IcvlConfig = builder_utils.RenderConfig
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.RealDatasetBuilder):
     """ICVL: ~201 outdoor/indoor radiance images, 31 bands 400-700 nm."""
 
     name = "icvl"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [IcvlConfig(name="default", description="10-image test list; RGB = hsi @ "
-                                  "CIE-1964 SRF.", srf="cie1964")]
-    DEFAULT_CONFIG_NAME = "default"
+    BUILDER_CONFIGS = [IcvlConfig(
+        name="default", description="10-image test list; RGB = hsi @ CIE-1964 SRF.", srf="cie1964")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download the 31-band .mat files from the BGU ICVL hyperspectral database
 (https://icvl.cs.bgu.ac.il/hyperspectral/, also mirrored as "BGU Hyperspectral Database") into
 manual_dir:
 {EXPECTED_LAYOUT}"""
+    EXPECTED_LAYOUT = EXPECTED_LAYOUT
+    N_BANDS = N_BANDS
+    RENDERED = True
+    HSI_SCALE = "radiance counts / 4095"
+    HOMEPAGE = "https://icvl.cs.bgu.ac.il/hyperspectral/"
+    CITATION = ("Arad & Ben-Shahar, Sparse Recovery of Hyperspectral Signal from Natural "
+                "RGB Images, ECCV 2016.")
+    LICENSE = "BGU ICVL database: research use with citation."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=readers.common_features(N_BANDS, srf=True),
-            metadata=tfds.core.MetadataDict(hsi_scale="radiance counts / 4095",
-                                            rgb_scale="linear, hsi @ srf",
-                                            srf=self.builder_config.srf,
-                                            test_images=list(TEST_IMAGES)),
-            disable_shuffling=True,
-            homepage="https://icvl.cs.bgu.ac.il/hyperspectral/",
-            citation=("Arad & Ben-Shahar, Sparse Recovery of Hyperspectral Signal from Natural "
-                      "RGB Images, ECCV 2016."),
-            license="BGU ICVL database: research use with citation.",
-        )
+    def _extra_metadata(self) -> dict:
+        return {"test_images": list(TEST_IMAGES)}
 
     def _split_generators(self, dl_manager):
-        root = readers.manual_root(dl_manager, self.name, EXPECTED_LAYOUT)
-        files: dict[str, Path] = {}
-        for p in sorted(root.rglob("*.mat")):
-            files.setdefault(p.stem, p)
+        root = self.manual_root(dl_manager)
+        files = builder_utils.scan_files(root, "*.mat")
         if not files:
-            raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT, "any *.mat file")
+            raise self.layout_error(root, "any *.mat file")
         test = [files[n] for n in TEST_IMAGES if n in files]
         train = [p for n, p in sorted(files.items()) if n not in TEST_IMAGES]
         if not test:
-            raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT,
-                                               f"any test image ({TEST_IMAGES[0]}.mat, ...)")
+            raise self.layout_error(root, f"any test image ({TEST_IMAGES[0]}.mat, ...)")
         if not train:
-            raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT,
-                                               "any training image (a .mat not in the test list)")
-        srf_name = self.builder_config.srf
-        return {"train": self._generate_examples(train, srf_name),
-                "test": self._generate_examples(test, srf_name)}
+            raise self.layout_error(root, "any training image (a .mat not in the test list)")
+        return {"train": self._generate_examples(train), "test": self._generate_examples(test)}
 
-    def _generate_examples(self, paths, srf_name):
-        srfs: dict[bytes, np.ndarray] = {}
+    def _generate_examples(self, paths):
+        srf_for = builder_utils.SrfCache(self.builder_config.srf)
         for p in paths:
             hsi, bands = load_image(p)
-            key = bands.tobytes()
-            if key not in srfs:
-                srfs[key] = readers.srf_on_bands(srf_name, bands)
-            srf = srfs[key]
-            yield p.stem, {"hsi": hsi, "rgb": readers.render_rgb(hsi, srf), "bands": bands,
-                           "name": p.stem, "srf": srf}
+            yield p.stem, builder_utils.rendered_example(hsi, bands, p.stem, srf_for(bands))
 
 
 def load_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -110,9 +87,4 @@ def load_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if rad.ndim != 3 or rad.shape[-1] != N_BANDS:
         raise ValueError(f"{path}: 'rad' has shape {rad.shape}, expected (H, W, {N_BANDS})")
     hsi = readers.check_cube(rad.astype(np.float64) / MAX_COUNT, path, N_BANDS)
-    bands = DEFAULT_BANDS
-    if "bands" in data:
-        bands = np.asarray(data["bands"], np.float32).reshape(-1)
-        if bands.shape != (N_BANDS,):
-            raise ValueError(f"{path}: 'bands' has {bands.size} values, expected {N_BANDS}")
-    return hsi, bands
+    return hsi, builder_utils.optional_bands(data, path, N_BANDS, DEFAULT_BANDS)

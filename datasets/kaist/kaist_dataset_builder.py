@@ -15,14 +15,12 @@ there.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from jaxspec.data import readers
+from jaxspec.data import builder_utils, readers
 
 N_BANDS = 31
 EXPECTED_BANDS = np.arange(420.0, 721.0, 10.0, dtype=np.float32)
@@ -34,64 +32,50 @@ EXPECTED_LAYOUT = """\
   OpenEXR with one float channel per band named with its wavelength, e.g. 'w420nm')"""
 
 
-@dataclasses.dataclass(eq=False)
-class KaistConfig(tfds.core.BuilderConfig):
-    srf: str = "cie1964"
+#: KAIST's config: the SRF of the rendered RGB only.
+KaistConfig = builder_utils.RenderConfig
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.RealDatasetBuilder):
     """KAIST: 30 scenes, 31-band reflectance 420-720 nm, OpenEXR."""
 
     name = "kaist"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [KaistConfig(name="default", description="First 10 scenes test; RGB = hsi "
                                    "@ CIE-1964 SRF.")]
-    DEFAULT_CONFIG_NAME = "default"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Download the KAIST hyperspectral dataset (Choi et al. 2017, "High-Quality Hyperspectral
 Reconstruction Using a Spectral Prior", http://vclab.kaist.ac.kr/siggraphasia2017p1/) and place
 the EXR files in manual_dir:
 {EXPECTED_LAYOUT}
 Reading needs the OpenEXR package (pip install 'jaxspec[exr]')."""
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=readers.common_features(N_BANDS, srf=True),
-            metadata=tfds.core.MetadataDict(hsi_scale="reflectance as stored",
-                                            rgb_scale="linear, hsi @ srf",
-                                            srf=self.builder_config.srf),
-            disable_shuffling=True,
-            homepage="http://vclab.kaist.ac.kr/siggraphasia2017p1/",
-            citation=("Choi, Jeon, Rhee, Kim, Kim, High-Quality Hyperspectral Reconstruction "
-                      "Using a Spectral Prior, ACM TOG (SIGGRAPH Asia) 2017."),
-            license="KAIST dataset: research use with citation (see the project page).",
-        )
+    EXPECTED_LAYOUT = EXPECTED_LAYOUT
+    N_BANDS = N_BANDS
+    RENDERED = True
+    HSI_SCALE = "reflectance as stored"
+    HOMEPAGE = "http://vclab.kaist.ac.kr/siggraphasia2017p1/"
+    CITATION = ("Choi, Jeon, Rhee, Kim, Kim, High-Quality Hyperspectral Reconstruction "
+                "Using a Spectral Prior, ACM TOG (SIGGRAPH Asia) 2017.")
+    LICENSE = "KAIST dataset: research use with citation (see the project page)."
 
     def _split_generators(self, dl_manager):
-        root = readers.manual_root(dl_manager, self.name, EXPECTED_LAYOUT)
-        scenes: dict[str, Path] = {}
-        for p in sorted(root.rglob("*_reflectance.exr")):
-            m = _NAME.match(p.name)
-            if m:
-                scenes.setdefault(m.group(1).lower(), p)
+        root = self.manual_root(dl_manager)
+        scenes = builder_utils.scan_files(root, "*_reflectance.exr", _scene_name)
         if len(scenes) < 2:
-            raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT,
-                                               "at least two sceneNN_reflectance.exr files")
-        names = sorted(scenes)
-        n_test = readers.proportional_count(len(names), N_TEST, N_SCENES)
-        srf_name = self.builder_config.srf
-        return {"train": self._generate_examples([(n, scenes[n]) for n in names[n_test:]], srf_name),
-                "test": self._generate_examples([(n, scenes[n]) for n in names[:n_test]], srf_name)}
+            raise self.layout_error(root, "at least two sceneNN_reflectance.exr files")
+        n_test = readers.proportional_count(len(scenes), N_TEST, N_SCENES)
+        test, train = builder_utils.split_head(scenes, n_test)
+        return {"train": self._generate_examples(train), "test": self._generate_examples(test)}
 
-    def _generate_examples(self, items, srf_name):
+    def _generate_examples(self, items):
+        srf_for = builder_utils.SrfCache(self.builder_config.srf)
         for name, path in items:
             hsi, bands = load_scene(path)
-            srf = readers.srf_on_bands(srf_name, bands)
-            yield name, {"hsi": hsi, "rgb": readers.render_rgb(hsi, srf), "bands": bands,
-                         "name": name, "srf": srf}
+            yield name, builder_utils.rendered_example(hsi, bands, name, srf_for(bands))
+
+
+def _scene_name(path: Path) -> str | None:
+    m = _NAME.match(path.name)
+    return m.group(1).lower() if m else None
 
 
 def load_scene(path: Path) -> tuple[np.ndarray, np.ndarray]:

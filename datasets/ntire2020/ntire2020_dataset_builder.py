@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxspec.data import readers
+from jaxspec.data import builder_utils
 
 N_BANDS = 31
 DEFAULT_BANDS = np.arange(400.0, 701.0, 10.0, dtype=np.float32)
@@ -42,12 +42,10 @@ class Ntire2020Config(tfds.core.BuilderConfig):
     suffix: str = "_clean.png"
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_utils.RealDatasetBuilder):
     """NTIRE 2020 spectral reconstruction: 31-band cubes with Clean or RealWorld RGB."""
 
     name = "ntire2020"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
         Ntire2020Config(name="clean", description="Clean track: CIE-1964-based RGB, 8-bit PNG.",
                         track="Clean", suffix="_clean.png"),
@@ -55,46 +53,33 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                         "demosaic + JPEG (quality 80).", track="RealWorld",
                         suffix="_RealWorld.jpg"),
     ]
-    DEFAULT_CONFIG_NAME = "clean"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 Register for the NTIRE 2020 Spectral Reconstruction challenge (CodaLab; data by B. Arad, BGU)
 and extract the Train/Validation Spectral archives plus the Clean and/or RealWorld RGB archives
 into manual_dir:
 {EXPECTED_LAYOUT}"""
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__.split("\n\n")[0],
-            features=readers.common_features(N_BANDS),
-            metadata=tfds.core.MetadataDict(hsi_scale="as stored (about [0, 1])",
-                                            rgb_scale="0..255 (8-bit)"),
-            disable_shuffling=True,
-            homepage="https://competitions.codalab.org/competitions/22225",
-            citation=("Arad et al., NTIRE 2020 Challenge on Spectral Reconstruction from an RGB "
-                      "Image, CVPRW 2020."),
-            license="Research use per the NTIRE 2020 challenge terms.",
-        )
+    EXPECTED_LAYOUT = EXPECTED_LAYOUT
+    N_BANDS = N_BANDS
+    HSI_SCALE = "as stored (about [0, 1])"
+    RGB_SCALE = "0..255 (8-bit)"
+    HOMEPAGE = "https://competitions.codalab.org/competitions/22225"
+    CITATION = ("Arad et al., NTIRE 2020 Challenge on Spectral Reconstruction from an RGB "
+                "Image, CVPRW 2020.")
+    LICENSE = "Research use per the NTIRE 2020 challenge terms."
 
     def _split_generators(self, dl_manager):
-        root = readers.manual_root(dl_manager, self.name, EXPECTED_LAYOUT)
+        root = self.manual_root(dl_manager)
         cfg = self.builder_config
         splits = {}
         for split, folder in _SPLIT_FOLDERS.items():
             spec_name = f"NTIRE2020_{folder}_Spectral"
-            rgb_name = f"NTIRE2020_{folder}_{cfg.track}"
-            spec = readers.find_dir(root, [spec_name])
-            if spec is None:
-                raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT, spec_name + "/")
-            rgb = readers.find_dir(root, [rgb_name])
-            if rgb is None:
-                raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT, rgb_name + "/")
-            mats = [p for p in sorted(spec.glob("ARAD_HS_*.mat")) if _ID.match(p.stem)]
+            spec = self.require_dir(root, spec_name)
+            rgb = self.require_dir(root, f"NTIRE2020_{folder}_{cfg.track}")
+            mats = builder_utils.scan_files(spec, "ARAD_HS_*.mat", _scene_stem, recursive=False)
             if not mats:
-                raise readers.missing_layout_error(self.name, root, EXPECTED_LAYOUT,
-                                                   f"{spec_name}/ARAD_HS_*.mat")
+                raise self.layout_error(root, f"{spec_name}/ARAD_HS_*.mat")
             pairs = []
-            for mat in mats:
+            for mat in mats.values():
                 img = rgb / f"{mat.stem}{cfg.suffix}"
                 if not img.is_file():
                     raise FileNotFoundError(f"ntire2020: RGB image {img} for {mat} not found")
@@ -107,15 +92,11 @@ into manual_dir:
             yield mat.stem, load_example(mat, img)
 
 
+def _scene_stem(path: Path) -> str | None:
+    return path.stem if _ID.match(path.stem) else None
+
+
 def load_example(mat: Path, img: Path) -> dict:
-    data = readers.read_mat(mat, "cube", optional=["bands"])
-    cube = readers.check_cube(data["cube"], mat, N_BANDS)
-    bands = DEFAULT_BANDS
-    if "bands" in data:
-        bands = np.asarray(data["bands"], np.float32).reshape(-1)
-        if bands.shape != (N_BANDS,):
-            raise ValueError(f"{mat}: 'bands' has {bands.size} values, expected {N_BANDS}")
-    rgb = readers.read_rgb_image(img)
-    if rgb.shape[:2] != cube.shape[:2]:
-        raise ValueError(f"{img}: RGB size {rgb.shape[:2]} differs from cube {mat} {cube.shape[:2]}")
-    return {"hsi": cube, "rgb": rgb.astype(np.float32), "bands": bands, "name": mat.stem}
+    """One example: the ``cube`` (v5 or v7.3), its ``bands`` (default 400..700 nm) and the
+    track's 8-bit RGB image (RGB order, 0..255)."""
+    return builder_utils.cube_rgb_example(mat, img, n_bands=N_BANDS, default_bands=DEFAULT_BANDS)
