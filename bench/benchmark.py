@@ -154,37 +154,62 @@ def load_cave(root: Path, srf_name: str):
         yield scene, hsi, hsi @ srf
 
 
-def cave_metrics(workdir: str, srf_name: str, max_images: int | None) -> dict | None:
+def _score_cave(predict_image, normalization: str, srf_name: str, max_images: int | None,
+                label: str) -> dict | None:
+    """Metrics of ``predict_image(rgb (1,H,W,3) normalised) -> (1,H,W,C)`` on the CAVE scenes."""
     import numpy as np
 
-    from jaxspec import api, inference
+    from jaxspec import metrics
     from jaxspec.data import normalize_rgb
     root = shared_data_dir() / "cave"
     if not root.is_dir():
         return None
-    model, variables = api.load(workdir)
-    predict = inference.make_predict_fn(model.module.apply, variables)
-    batches = []
+    per_image, masked = {}, []
     for i, (name, hsi, rgb) in enumerate(load_cave(root, srf_name)):
         if max_images is not None and i >= max_images:
             break
-        batches.append({"rgb": normalize_rgb(rgb[None], model.config.rgb_norm),
-                        "hsi": hsi[None],
-                        "name": np.asarray([name])})
-    # CAVE reflectance has exact zeros (dark pixels): MRAE (no epsilon, NTIRE) is then inf; the
-    # evaluation keeps it honest by reporting MRAE over pixels with gt > 0 separately.
-    res = inference.evaluate_dataset(predict, batches, stride=model.stride,
-                                     tile=model.config.eval_tile)
-    masked = []
-    for b in batches:
-        pred = inference.predict_image(predict, b["rgb"], stride=model.stride)
-        gt = b["hsi"]
-        ok = gt > 0
-        masked.append(float(np.mean(np.abs(pred - gt)[ok] / gt[ok])))
-        res["per_image"][str(b["name"][0])]["mrae_gt>0"] = masked[-1]
-    res["mean"]["mrae_gt>0"] = float(np.mean(masked))
-    return {"workdir": workdir, "srf": srf_name, "num_images": res["num_images"],
-            "mean": res["mean"], "per_image": res["per_image"], "root": str(root)}
+        pred = np.asarray(predict_image(normalize_rgb(rgb[None], normalization)), np.float32)
+        vals = metrics.evaluate_all(pred, hsi[None])
+        per_image[name] = {k: float(np.asarray(v)[0]) for k, v in vals.items()}
+        # CAVE reflectance has exact zeros (dark pixels): MRAE (no epsilon, NTIRE) is then inf;
+        # report MRAE over the pixels with gt > 0 beside it
+        ok = hsi > 0
+        per_image[name]["mrae_gt>0"] = float(np.mean(np.abs(pred[0] - hsi)[ok] / hsi[ok]))
+    if not per_image:
+        return None
+    keys = next(iter(per_image.values())).keys()
+    mean = {k: float(np.mean([m[k] for m in per_image.values()])) for k in keys}
+    return {"workdir": label, "srf": srf_name, "num_images": len(per_image), "mean": mean,
+            "per_image": per_image, "root": str(root)}
+
+
+def cave_metrics(workdir: str, srf_name: str, max_images: int | None) -> dict | None:
+    """A trained run (best checkpoint) on CAVE, full images padded to the model's stride."""
+    from jaxspec import api, inference
+    if not (shared_data_dir() / "cave").is_dir():
+        return None
+    model, variables = api.load(workdir)
+    predict = inference.make_predict_fn(model.module.apply, variables)
+    return _score_cave(
+        lambda rgb: inference.predict_image(predict, rgb, stride=model.stride,
+                                            tile=model.config.eval_tile),
+        model.config.rgb_norm, srf_name, max_images, workdir)
+
+
+def cave_least_squares(srf_name: str, max_images: int | None, normalization: str = "none",
+                       pixels: int = 200_000) -> dict | None:
+    """Reference: the linear least-squares map fitted on ``spectral_scenes`` train pixels (as in
+    ``bench/baselines.py``), applied to CAVE."""
+    from jaxspec import baselines as bl
+    from jaxspec import data
+    if not (shared_data_dir() / "cave").is_dir():
+        return None
+    train = data.data_source(data.builder("spectral_scenes"), "train")
+    rgb, hsi = bl.sample_pixels((train[i] for i in range(len(train))), pixels, seed=0,
+                                normalization=normalization)
+    model = bl.fit_linear(rgb, hsi, 1e-6, normalization=normalization)
+    return _score_cave(lambda x: bl.predict(model, x), normalization, srf_name, max_images,
+                       f"least squares fitted on spectral_scenes train ({normalization} RGB)")
 
 
 def _worker(args) -> int:
@@ -278,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-cave", type=int, default=None)
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cave-only", action="store_true",
+                   help="only (re)score --workdir runs on CAVE; keep this backend's model rows")
     p.add_argument("--render-only", action="store_true",
                    help="re-write the markdown from bench/results_*.json (no measurements)")
     args = p.parse_args(argv)
@@ -297,8 +324,14 @@ def main(argv=None) -> int:
     names = args.methods.split(",") if args.methods else registry.names()
     for n in names:
         registry.get(n)     # unknown names fail early with the list of methods
-    peak = matmul_peak()
-    rows = []
+    results_file = Path(args.out).parent / f"results_{jax.default_backend()}.json"
+    if args.cave_only:
+        if not results_file.exists():
+            raise SystemExit(f"--cave-only needs an earlier full run: {results_file} not found")
+        previous = json.loads(results_file.read_text())
+        peak, rows, names = previous["matmul_peak_gflops"], previous["methods"], []
+    else:
+        peak, rows = matmul_peak(), []
     for n in names:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", n,
                "--reps", str(args.reps)] + (["--preset", args.preset] if args.preset else [])
@@ -315,14 +348,15 @@ def main(argv=None) -> int:
             raise SystemExit(f"--workdir expects METHOD=PATH, got {spec!r}")
         m, path = spec.split("=", 1)
         cave[m] = cave_metrics(path, args.srf, args.max_cave)
+    if cave:
+        cave["least squares"] = cave_least_squares(args.srf, args.max_cave)
 
     dev = jax.devices()[0]
     env = (f"jax {jax.__version__}, backend {jax.default_backend()} "
            f"({getattr(dev, 'device_kind', dev.platform)}), {os.cpu_count()} CPU cores, "
            f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
     results = {"environment": env, "matmul_peak_gflops": peak, "methods": rows, "cave": cave}
-    (Path(args.out).parent / f"results_{jax.default_backend()}.json").write_text(
-        json.dumps(results, indent=2))
+    results_file.write_text(json.dumps(results, indent=2))
     render(Path(args.out).parent, args.out)
     print(f"wrote {args.out}")
     return 0
