@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from jaxspec.configs.base import Config
 
@@ -45,6 +45,47 @@ class Method:
     def model(self, config: Config | None = None):
         cfg = config if config is not None else self.config("cpu")
         return self.make_model(dict(cfg.model))
+
+
+STANDARD_PRESETS = ("paper", "cpu", "smoke")
+
+
+def module_factory(module_cls: type, label: str, allowed: Sequence[str] | None = None,
+                   tuple_keys: Sequence[str] = ()) -> Callable[[Mapping[str, Any]], Any]:
+    """A ``make_model`` for :class:`Method`: ``config.model -> module_cls(**config.model)``.
+
+    ``allowed`` (default: every dataclass field of ``module_cls`` but ``parent``/``name``) are
+    the architecture options a config may set; any other key raises ``ValueError`` naming
+    ``label``.  ``tuple_keys`` are converted to tuples (JSON round trips turn them into lists,
+    and Flax module fields must be hashable).
+    """
+    keys = tuple(allowed) if allowed is not None else tuple(
+        f.name for f in dataclasses.fields(module_cls) if f.name not in ("parent", "name"))
+
+    def make_model(model_cfg: Mapping[str, Any]):
+        unknown = set(model_cfg) - set(keys)
+        if unknown:
+            raise ValueError(f"unknown {label} model options {sorted(unknown)}; allowed: "
+                             f"{list(keys)}")
+        cfg = dict(model_cfg)
+        for k in tuple_keys:
+            if k in cfg:
+                cfg[k] = tuple(cfg[k])
+        return module_cls(**cfg)
+
+    make_model.allowed_keys = keys
+    return make_model
+
+
+def standard_presets(config_module: str) -> dict[str, Callable[[], Config]]:
+    """``{"paper": f, "cpu": f, "smoke": f}`` from the preset functions of ``config_module``
+    (e.g. ``"jaxspec.configs.acc"``); ``paper`` and ``cpu`` are required."""
+    mod = importlib.import_module(config_module)
+    found = {p: getattr(mod, p) for p in STANDARD_PRESETS if callable(getattr(mod, p, None))}
+    missing = {"paper", "cpu"} - set(found)
+    if missing:
+        raise ValueError(f"{config_module} lacks the required preset(s) {sorted(missing)}")
+    return found
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -191,6 +191,22 @@ def test_step_kind_registry():
         steps._STEP_BUILDERS.pop("engine_test_kind")
 
 
+def test_module_factory_and_standard_presets():
+    make = registry.module_factory(TinyNet, "Tiny")
+    assert make.allowed_keys == ("features", "use_bn", "dropout")
+    assert make({"features": 4}).features == 4
+    with pytest.raises(ValueError, match=r"unknown Tiny model options \['feature'\]"):
+        make({"feature": 4})
+    # JSON round trips turn tuples into lists; Flax fields must stay hashable tuples
+    acc_make = registry.get("acc").make_model
+    assert acc_make({"num_blocks": [1, 2, 1]}).num_blocks == (1, 2, 1)
+    presets = registry.standard_presets("jaxspec.configs.acc")
+    assert set(presets) == {"paper", "cpu", "smoke"}
+    assert presets["cpu"]().method == "acc"
+    with pytest.raises(ValueError, match="lacks the required preset"):
+        registry.standard_presets("jaxspec.configs.base")
+
+
 # ---------------------------------------------------------------- parameter groups
 class TwoPart(nn.Module):
     """Generator-like 'gen' conv and a second 'aux' conv (e.g. a discriminator / degradation

@@ -31,9 +31,10 @@ separable convolutions; pointwise output convolution and a global residual.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -269,25 +270,42 @@ class WindowedNonLocal(nn.Module):
         return nn.Dense(c, use_bias=False, kernel_init=nn.initializers.zeros, name="out")(out)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+    """Options shared by every ACC transformer block of a network (one value, passed down).
+
+    ``recurrent``/``unroll``/``impl`` configure :class:`ACC`; ``window``, ``nl_reduction``,
+    ``use_nonlocal`` and ``window_batch`` the non-local branch (:class:`WindowedNonLocal`);
+    ``ffn_mult`` the feed-forward width; ``impl`` also picks the depthwise-conv implementation.
+    """
+    recurrent: bool = True
+    window: int = 64
+    nl_reduction: int = 2
+    use_nonlocal: bool = True
+    ffn_mult: int = 4
+    window_batch: int | None = 16
+    unroll: int | bool = 1
+    impl: str = "auto"
+
+    def at_level(self, level: int) -> "BlockOptions":
+        """The options at U-Net level ``level``: the window shrinks as ``window / 2^level``."""
+        return dataclasses.replace(self, window=max(self.window >> level, 1))
+
+
 class SSTA(nn.Module):
     """Spatio-Spectral Transformer Attention: ``SSTA(x) = ACC(x) + NL(x)``.
 
     The non-local branch is zero-initialised, so at initialisation the attention is governed by
     the spectral coupling alone ("governed by the spectral features in the majority").
     """
-    recurrent: bool = True
-    window: int = 64
-    nl_reduction: int = 2
-    use_nonlocal: bool = True
-    window_batch: int | None = 16
-    unroll: int | bool = 1
-    impl: str = "auto"
+    opts: BlockOptions = BlockOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        y = ACC(recurrent=self.recurrent, unroll=self.unroll, impl=self.impl, name="acc")(x)
-        if self.use_nonlocal:
-            y = y + WindowedNonLocal(self.window, self.nl_reduction, self.window_batch,
+        o = self.opts
+        y = ACC(recurrent=o.recurrent, unroll=o.unroll, impl=o.impl, name="acc")(x)
+        if o.use_nonlocal:
+            y = y + WindowedNonLocal(o.window, o.nl_reduction, o.window_batch,
                                      name="nonlocal")(x)
         return y
 
@@ -299,22 +317,14 @@ class ACCTransformerBlock(nn.Module):
     momentum 0.1), statistics in the ``batch_stats`` collection.  FFN: the MST feed-forward
     ``1x1 (C -> 4C) -> GELU -> dw3x3 -> GELU -> 1x1 (4C -> C)`` (``layers.FeedForward``).
     """
-    recurrent: bool = True
-    window: int = 64
-    nl_reduction: int = 2
-    use_nonlocal: bool = True
-    ffn_mult: int = 4
-    window_batch: int | None = 16
-    unroll: int | bool = 1
-    impl: str = "auto"
+    opts: BlockOptions = BlockOptions()
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                                epsilon=1e-5)
-        x = x + SSTA(self.recurrent, self.window, self.nl_reduction, self.use_nonlocal,
-                     self.window_batch, self.unroll, self.impl, name="ssta")(bn(name="bn_1")(x))
-        x = x + layers.FeedForward(x.shape[-1], self.ffn_mult, impl=self.impl,
+        x = x + SSTA(self.opts, name="ssta")(bn(name="bn_1")(x))
+        x = x + layers.FeedForward(x.shape[-1], self.opts.ffn_mult, impl=self.opts.impl,
                                    name="ffn")(bn(name="bn_2")(x))
         return x
 
@@ -381,21 +391,12 @@ class MSSSF(nn.Module):
     dim: int = 31
     levels: int = 2
     num_blocks: Sequence[int] = (1, 1, 1)
-    recurrent: bool = True
-    window: int = 64
-    nl_reduction: int = 2
-    use_nonlocal: bool = True
-    ffn_mult: int = 4
-    window_batch: int | None = 16
-    unroll: int | bool = 1
-    impl: str = "auto"
+    opts: BlockOptions = BlockOptions()
 
     def _blocks(self, x, level, n, prefix, train):
         for k in range(n):
-            x = ACCTransformerBlock(
-                self.recurrent, max(self.window >> level, 1), self.nl_reduction,
-                self.use_nonlocal, self.ffn_mult, self.window_batch, self.unroll, self.impl,
-                name=f"{prefix}_block_{k}")(x, train)
+            x = ACCTransformerBlock(self.opts.at_level(level),
+                                    name=f"{prefix}_block_{k}")(x, train)
         return x
 
     @nn.compact
@@ -407,12 +408,12 @@ class MSSSF(nn.Module):
         if x.shape[1] % m or x.shape[2] % m:
             raise ValueError(f"MSSSF with {self.levels} levels needs H, W multiples of {m}; "
                              f"got {x.shape[1]}x{x.shape[2]}")
-        fea = SeparableConv(self.dim, 3, 1, 1, self.impl, name="embedding")(x)
+        fea = SeparableConv(self.dim, 3, 1, 1, self.opts.impl, name="embedding")(x)
         skips, d = [], self.dim
         for lvl in range(self.levels):
             fea = self._blocks(fea, lvl, self.num_blocks[lvl], f"encoder_{lvl}", train)
             skips.append(fea)
-            fea = SeparableConv(2 * d, 4, 2, 1, self.impl, name=f"down_{lvl}")(fea)
+            fea = SeparableConv(2 * d, 4, 2, 1, self.opts.impl, name=f"down_{lvl}")(fea)
             d *= 2
         fea = self._blocks(fea, self.levels, self.num_blocks[self.levels], "bottleneck", train)
         for lvl in reversed(range(self.levels)):
@@ -421,7 +422,7 @@ class MSSSF(nn.Module):
             fea = jnp.concatenate([fea, skips[lvl]], axis=-1)
             fea = layers.Conv2d(d, (1, 1), name=f"fuse_{lvl}")(fea)
             fea = self._blocks(fea, lvl, self.num_blocks[lvl], f"decoder_{lvl}", train)
-        return SeparableConv(self.dim, 3, 1, 1, self.impl, name="mapping")(fea) + x
+        return SeparableConv(self.dim, 3, 1, 1, self.opts.impl, name="mapping")(fea) + x
 
 
 class ACCNet(nn.Module):
@@ -457,14 +458,17 @@ class ACCNet(nn.Module):
                              f"out_channels ({self.out_channels}) must equal dim ({self.dim})")
         if self.stages < 1:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
+        opts = BlockOptions(recurrent=self.recurrent, window=self.window,
+                            nl_reduction=self.nl_reduction, use_nonlocal=self.use_nonlocal,
+                            ffn_mult=self.ffn_mult, window_batch=self.window_batch,
+                            unroll=self.unroll, impl=self.dw_impl)
         h, w = rgb.shape[1], rgb.shape[2]
         x = layers.pad_to_multiple(jnp.asarray(rgb, jnp.float32), 2 ** self.levels, "reflect")
         stem = layers.Conv2d(self.dim, (3, 3), name="stem")(x)
         fea = stem
         for s in range(self.stages):
-            fea = MSSSF(self.dim, self.levels, tuple(self.num_blocks), self.recurrent,
-                        self.window, self.nl_reduction, self.use_nonlocal, self.ffn_mult,
-                        self.window_batch, self.unroll, self.dw_impl, name=f"msssf_{s}")(fea, train)
+            fea = MSSSF(self.dim, self.levels, tuple(self.num_blocks), opts,
+                        name=f"msssf_{s}")(fea, train)
         # pointwise output conv, zero-initialised: at initialisation the prediction is the
         # stem's linear RGB -> spectrum map and the transformer body learns the residual.
         w_out = self.param("out", nn.initializers.zeros, (self.dim, self.out_channels))
@@ -472,31 +476,14 @@ class ACCNet(nn.Module):
         return layers.crop_to(out, (h, w))
 
 
-_ARCH_KEYS = tuple(f.name for f in __import__("dataclasses").fields(ACCNet)
-                   if f.name not in ("parent", "name"))
-
-
-def make_model(model_cfg: Mapping[str, Any]) -> ACCNet:
-    """Build :class:`ACCNet` from ``Config.model``; unknown keys raise ``ValueError``."""
-    unknown = set(model_cfg) - set(_ARCH_KEYS)
-    if unknown:
-        raise ValueError(f"unknown ACC model options {sorted(unknown)}; allowed: "
-                         f"{list(_ARCH_KEYS)}")
-    cfg = dict(model_cfg)
-    if "num_blocks" in cfg:
-        cfg["num_blocks"] = tuple(cfg["num_blocks"])
-    return ACCNet(**cfg)
-
-
-def _presets():
-    from jaxspec.configs import acc as cfgs
-    return {"paper": cfgs.paper, "cpu": cfgs.cpu, "smoke": cfgs.smoke}
+make_model = registry.module_factory(ACCNet, "ACC", tuple_keys=("num_blocks",))
+_ARCH_KEYS = make_model.allowed_keys
 
 
 registry.register(registry.Method(
     name="acc",
     make_model=make_model,
-    presets=_presets(),
+    presets=registry.standard_presets("jaxspec.configs.acc"),
     step_kind="supervised",
     description=("ACC spectral transformer: MS-SSF U-Net of BN transformer blocks with "
                  "adjacent-channel-coupled spectral attention + windowed non-local attention"),

@@ -17,8 +17,6 @@ Default configuration: 1,619,625 parameters.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -108,24 +106,13 @@ def analytic_macs(height: int, width: int, n_feat: int = 31, stage: int = 3,
 _ARCH_KEYS = ("in_channels", "out_channels", "n_feat", "stage", "dw_impl")
 
 
-def make_model(model_cfg: Mapping[str, Any]) -> MSTPlusPlus:
-    """Build :class:`MSTPlusPlus` from ``Config.model``; unknown keys raise ``ValueError``."""
-    unknown = set(model_cfg) - set(_ARCH_KEYS)
-    if unknown:
-        raise ValueError(f"unknown MST++ model options {sorted(unknown)}; allowed: "
-                         f"{list(_ARCH_KEYS)}")
-    return MSTPlusPlus(**dict(model_cfg))
-
-
-def _presets():
-    from jaxspec.configs import mstpp as cfgs
-    return {"paper": cfgs.paper, "cpu": cfgs.cpu, "smoke": cfgs.smoke}
+make_model = registry.module_factory(MSTPlusPlus, "MST++", allowed=_ARCH_KEYS)
 
 
 registry.register(registry.Method(
     name="mstpp",
     make_model=make_model,
-    presets=_presets(),
+    presets=registry.standard_presets("jaxspec.configs.mstpp"),
     step_kind="supervised",
     description="MST++: 3 spectral-wise transformer U-Nets (S-MSA), RGB -> 31 bands",
     reference=("Y. Cai, J. Lin, Z. Lin, H. Wang, Y. Zhang, H. Pfister, R. Timofte, L. Van Gool. "
