@@ -53,7 +53,7 @@ __all__ = [
     "torch_kernel_init", "torch_bias_init", "trunc_normal_init",
     "DepthwiseConv", "Conv2d", "ConvTranspose2d", "Linear", "LayerNorm",
     "SpectralMSA", "FeedForward", "MSAB", "mst_block", "SpectralUNet",
-    "pad_to_multiple", "crop_to",
+    "as_floating", "pad_to_multiple", "crop_to",
 ]
 
 
@@ -500,8 +500,16 @@ class SpectralUNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Padding to a stride multiple
+# Model inputs: dtype, padding to a stride multiple
 # ----------------------------------------------------------------------------------------------
+def as_floating(x) -> Array:
+    """A model input as float32 (uint8 images, float16/64 arrays, ...), except that bfloat16
+    stays bfloat16: the mixed-precision train step (``compute_dtype="bfloat16"``) casts the
+    parameters and the RGB batch to bf16, and the model must then compute in bf16 too."""
+    x = jnp.asarray(x)
+    return x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
+
+
 def pad_to_multiple(x: Array, multiple: int, mode: str = "reflect") -> Array:
     """Pad the bottom and right of ``(B, H, W, C)`` so ``H`` and ``W`` are multiples of ``multiple``.
 

@@ -172,6 +172,25 @@ def test_bfloat16_mixed_precision_step():
         steps.build_train_step(method.model(_config()), _config(compute_dtype="float16"), method)
 
 
+@pytest.mark.parametrize("name,small", [("acc", {"num_blocks": (1, 1, 1)}), ("mstpp", {"stage": 1})])
+def test_bfloat16_step_on_registered_models(name, small):
+    """The real models compute in bf16 under the mixed-precision step (their input cast must
+    not turn the bf16 RGB back into float32: conv of f32 input with a bf16 kernel is an error)."""
+    import jaxspec
+    m = jaxspec.create_model(name, preset="smoke", compute_dtype="bfloat16", **small)
+    c = m.config
+    state = create_train_state(m.module, optim.make_optimizer(c), jax.random.PRNGKey(0),
+                               (1, 16, 16, 3))
+    step = jax.jit(steps.build_train_step(m.module, c, m.method))
+    batch = _batch(b=2, s=16)
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(state.params))
+    bf = steps.cast_floating(state.params, jnp.bfloat16)
+    out = m.apply({**state.variables, "params": bf}, batch["rgb"].astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+
+
 def test_step_kind_registry():
     assert {"supervised", "groups"} <= set(steps.step_kinds())
     with pytest.raises(ValueError, match="unknown step kind 'nope'"):

@@ -463,7 +463,7 @@ class ACCNet(nn.Module):
                             ffn_mult=self.ffn_mult, window_batch=self.window_batch,
                             unroll=self.unroll, impl=self.dw_impl)
         h, w = rgb.shape[1], rgb.shape[2]
-        x = layers.pad_to_multiple(jnp.asarray(rgb, jnp.float32), 2 ** self.levels, "reflect")
+        x = layers.pad_to_multiple(layers.as_floating(rgb), 2 ** self.levels, "reflect")
         stem = layers.Conv2d(self.dim, (3, 3), name="stem")(x)
         fea = stem
         for s in range(self.stages):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxspec import registry
-from jaxspec.layers import Conv2d, SpectralUNet, crop_to, pad_to_multiple
+from jaxspec.layers import Conv2d, SpectralUNet, as_floating, crop_to, pad_to_multiple
 
 STRIDE = 8   # 2 down-sampling levels need x4; the reference pads to x8
 
@@ -56,7 +56,7 @@ class MSTPlusPlus(nn.Module):
         if self.stage < 1:
             raise ValueError(f"stage must be >= 1, got {self.stage}")
         h, w = rgb.shape[1], rgb.shape[2]
-        x = pad_to_multiple(jnp.asarray(rgb, jnp.float32), STRIDE, mode="reflect")
+        x = pad_to_multiple(as_floating(rgb), STRIDE, mode="reflect")
         x = Conv2d(self.n_feat, (3, 3), name="conv_in")(x)
         hfeat = x
         for s in range(self.stage):
