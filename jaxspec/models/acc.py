@@ -477,7 +477,6 @@ class ACCNet(nn.Module):
 
 
 make_model = registry.module_factory(ACCNet, "ACC", tuple_keys=("num_blocks",))
-_ARCH_KEYS = make_model.allowed_keys
 
 
 registry.register(registry.Method(
