@@ -154,33 +154,36 @@ def load_cave(root: Path, srf_name: str):
         yield scene, hsi, hsi @ srf
 
 
-def _score_cave(predict_image, normalization: str, srf_name: str, max_images: int | None,
-                label: str) -> dict | None:
-    """Metrics of ``predict_image(rgb (1,H,W,3) normalised) -> (1,H,W,C)`` on the CAVE scenes."""
+def _score_cave(predict_fn, normalization: str, srf_name: str, max_images: int | None,
+                label: str, stride: int = 1, tile: int | None = None) -> dict | None:
+    """Every metric of ``inference.evaluate_dataset`` (full images, padded to ``stride``, tiled
+    when ``tile``) of ``predict_fn(rgb (1,H,W,3) normalised) -> (1,H,W,C)`` on the CAVE scenes,
+    plus ``mrae_gt>0``."""
     import numpy as np
 
-    from jaxspec import metrics
+    from jaxspec import inference
     from jaxspec.data import normalize_rgb
     root = shared_data_dir() / "cave"
     if not root.is_dir():
         return None
-    per_image, masked = {}, []
+    batches = []
     for i, (name, hsi, rgb) in enumerate(load_cave(root, srf_name)):
         if max_images is not None and i >= max_images:
             break
-        pred = np.asarray(predict_image(normalize_rgb(rgb[None], normalization)), np.float32)
-        vals = metrics.evaluate_all(pred, hsi[None])
-        per_image[name] = {k: float(np.asarray(v)[0]) for k, v in vals.items()}
-        # CAVE reflectance has exact zeros (dark pixels): MRAE (no epsilon, NTIRE) is then inf;
-        # report MRAE over the pixels with gt > 0 beside it
-        ok = hsi > 0
-        per_image[name]["mrae_gt>0"] = float(np.mean(np.abs(pred[0] - hsi)[ok] / hsi[ok]))
-    if not per_image:
+        batches.append({"rgb": normalize_rgb(rgb[None], normalization), "hsi": hsi[None],
+                        "name": [name]})
+    if not batches:
         return None
-    keys = next(iter(per_image.values())).keys()
-    mean = {k: float(np.mean([m[k] for m in per_image.values()])) for k in keys}
-    return {"workdir": label, "srf": srf_name, "num_images": len(per_image), "mean": mean,
-            "per_image": per_image, "root": str(root)}
+    res = inference.evaluate_dataset(predict_fn, batches, stride=stride, tile=tile,
+                                     keep=len(batches))
+    # CAVE reflectance has exact zeros (dark pixels): MRAE (no epsilon, NTIRE) is then inf;
+    # report MRAE over the pixels with gt > 0 beside it
+    for name, _, gt, pred in res["examples"]:
+        ok = gt > 0
+        res["per_image"][name]["mrae_gt>0"] = float(np.mean(np.abs(pred - gt)[ok] / gt[ok]))
+    res["mean"]["mrae_gt>0"] = float(np.mean([m["mrae_gt>0"] for m in res["per_image"].values()]))
+    return {"workdir": label, "srf": srf_name, "num_images": res["num_images"],
+            "mean": res["mean"], "per_image": res["per_image"], "root": str(root)}
 
 
 def cave_metrics(workdir: str, srf_name: str, max_images: int | None) -> dict | None:
@@ -190,10 +193,8 @@ def cave_metrics(workdir: str, srf_name: str, max_images: int | None) -> dict | 
         return None
     model, variables = api.load(workdir)
     predict = inference.make_predict_fn(model.module.apply, variables)
-    return _score_cave(
-        lambda rgb: inference.predict_image(predict, rgb, stride=model.stride,
-                                            tile=model.config.eval_tile),
-        model.config.rgb_norm, srf_name, max_images, workdir)
+    return _score_cave(predict, model.config.rgb_norm, srf_name, max_images, workdir,
+                       stride=model.stride, tile=model.config.eval_tile)
 
 
 def cave_least_squares(srf_name: str, max_images: int | None, normalization: str = "none",
