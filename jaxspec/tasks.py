@@ -124,25 +124,25 @@ class Task:
         return self.scale(config) * int(stride)
 
     # ---- inputs -------------------------------------------------------------------------
-    def input_shapes(self, info: DataInfo, size: int, config=None, batch: int = 1
-                     ) -> dict[str, tuple[int, ...]]:
-        """Shapes of every model input (positional + fusion side inputs) for an HR/output size
-        ``size`` (the training crop for ``init``)."""
+    def input_shapes(self, info: DataInfo, size, batch: int = 1) -> dict[str, tuple[int, ...]]:
+        """Shapes of every model input (positional + fusion side inputs) for an output size
+        ``size`` (an int for square, or (H, W); the training crop for ``init``)."""
+        h, w = (size, size) if np.ndim(size) == 0 else tuple(size)
         if self.name == "rgb2hsi":
-            return {"rgb": (batch, size, size, info.msi_bands or 3)}
+            return {"rgb": (batch, h, w, info.msi_bands or 3)}
         if self.name == "hsi2hsi":
-            return {"hsi": (batch, size, size, info.bands)}
+            return {"hsi": (batch, h, w, info.bands)}
         s = info.scale
-        if size % s:
-            raise ValueError(f"fusion: size {size} must be a multiple of the scale {s}")
-        shapes = {"lr_hsi": (batch, size // s, size // s, info.bands),
-                  "hr_msi": (batch, size, size, info.msi_bands),
+        if h % s or w % s:
+            raise ValueError(f"fusion: size {(h, w)} must be a multiple of the scale {s}")
+        shapes = {"lr_hsi": (batch, h // s, w // s, info.bands),
+                  "hr_msi": (batch, h, w, info.msi_bands),
                   "srf": (batch, info.bands, info.msi_bands)}
         if info.psf_size:
             shapes["psf"] = (batch, info.psf_size, info.psf_size)
         return shapes
 
-    def example_inputs(self, info: DataInfo, size: int, side_inputs=(), batch: int = 1
+    def example_inputs(self, info: DataInfo, size, side_inputs=(), batch: int = 1
                        ) -> tuple[tuple, dict]:
         """Zero (args, kwargs) for ``model.init``."""
         shapes = self.input_shapes(info, size, batch=batch)
@@ -245,7 +245,7 @@ def info_from_config(config, method) -> DataInfo:
         from jaxspec.data import fusion as fusion_data
         deg = fusion_data.degradation_from_config(config)
         return DataInfo(bands=bands, msi_bands=deg.msi_bands(), scale=deg.scale,
-                        psf_size=deg.psf_size_odd)
+                        psf_size=deg.psf_shape_size)
     if task.name == "rgb2hsi":
         return DataInfo(bands=bands, msi_bands=3)
     return DataInfo(bands=bands)

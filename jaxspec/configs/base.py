@@ -98,8 +98,7 @@ class Config:
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
         names = {f.name for f in dataclasses.fields(cls)}
         d = dict(d)
-        if not d.get("extra", {}):      # configs written before `extra` was removed
-            d.pop("extra", None)
+        d.pop("extra", None)   # configs written before `extra` (read by nothing) was removed
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")

@@ -25,8 +25,11 @@ PSF protocols (``protocol`` x ``psf``):
   gaussian sigma ~ U(sigma_range); anisotropic sigma_x, sigma_y ~ U(sigma_range), theta ~
   U(0, pi); daem: kernel index ~ U{0..5} and fresh multiplicative noise.
 
-Even-sized kernels (DAEM's 32x32, centred at pixel size//2) are padded with one zero row/column
-at the bottom/right to the odd size the blur needs (same centre). Every example also carries
+``mode`` is the operator of :func:`jaxspec.physics.make_sr_pair`: ``"same"`` (same-size
+convolution with ``boundary``, decimation at ``offset``; even kernels, e.g. DAEM's 32x32 centred
+at pixel size//2, are padded with one zero row/column at the bottom/right to the odd grid with
+the same centre) or ``"daem"`` (the DAEM code's zero-padded valid correlation with stride s;
+the default for ``psf="daem"``). Every example also carries
 its degradation: ``srf`` (C, M) and ``psf`` (k, k), which methods may read as side inputs.
 The noise key is ``fold_in(PRNGKey(seed), index)``, so a pair depends only on (seed, index).
 """
@@ -41,6 +44,7 @@ import numpy as np
 PROTOCOLS = ("consistent", "imagewise")
 PSFS = ("gaussian", "anisotropic", "daem")
 NORMALIZE = ("minmax", "max", "none")
+MODES = ("same", "daem")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,8 @@ class Degradation:
     normalize: str = "minmax"
     boundary: str = "reflect"
     offset: int = 0                          # decimation phase
+    mode: str | None = None                  # make_sr_pair operator: "same" | "daem"
+                                             # (None: "daem" for psf="daem", else "same")
 
     def __post_init__(self):
         if int(self.scale) != self.scale or self.scale < 1:
@@ -70,6 +76,10 @@ class Degradation:
                                      PROTOCOLS), ("normalize", self.normalize, NORMALIZE)):
             if value not in allowed:
                 raise ValueError(f"fusion.{name} must be one of {allowed}, got {value!r}")
+        if self.mode is None:
+            object.__setattr__(self, "mode", "daem" if self.psf == "daem" else "same")
+        if self.mode not in MODES:
+            raise ValueError(f"fusion.mode must be one of {MODES}, got {self.mode!r}")
         if self.sigma_range is not None:
             lo, hi = self.sigma_range
             if not 0 < lo <= hi:
@@ -88,6 +98,22 @@ class Degradation:
     def psf_size_odd(self) -> int:
         k = self.kernel_size
         return k if k % 2 else k + 1
+
+    @property
+    def psf_shape_size(self) -> int:
+        """Side of the ``psf`` arrays handed to models (the kernel as used by the operator)."""
+        return self.kernel_size if self.mode == "daem" else self.psf_size_odd
+
+    def margin(self) -> int:
+        """HR pixels (a multiple of s) around a training window so that the window's pair
+        equals the full image's pair inside it."""
+        s, k = self.scale, self.kernel_size
+        if self.mode == "daem":
+            p = (k - s) // 2
+            need = max(p, k - s - p, 0)
+        else:
+            need = self.psf_size_odd // 2
+        return -(-need // s) * s
 
     def msi_bands(self, bands: int | None = None) -> int:
         from jaxspec import physics
@@ -126,8 +152,8 @@ class Degradation:
             idx = int(rng.integers(6)) if imagewise else int(self.daem_index)
             p = daem_psf(idx, k, rng if self.daem_noise else None, noise=self.daem_noise)
         p = np.asarray(p, np.float32)
-        if p.shape[0] % 2 == 0:   # centred at size//2: pad bottom/right to an odd, centred grid
-            p = np.pad(p, ((0, 1), (0, 1)))
+        if p.shape[0] % 2 == 0 and self.mode == "same":
+            p = np.pad(p, ((0, 1), (0, 1)))   # centred at size//2: the odd grid with that centre
         return p / p.sum()
 
     # ---- synthesis ----------------------------------------------------------------------
@@ -168,20 +194,28 @@ class Degradation:
                                      int(index if noise_index is None else noise_index))
         with jax.default_device(jax.devices("cpu")[0]):
             lr, hr = _pair_fn(self.scale, self.boundary, self.offset, self.snr_hsi,
-                              self.snr_msi)(x, psf, srf, key)
+                              self.snr_msi, self.mode)(x, psf, srf, key)
         return {"hsi": x, "lr_hsi": np.asarray(lr), "hr_msi": np.asarray(hr), "srf": srf,
                 "psf": psf}
 
 
 @functools.lru_cache(maxsize=None)
-def _pair_fn(scale, boundary, offset, snr_hsi, snr_msi):
+def _pair_fn(scale, boundary, offset, snr_hsi, snr_msi, mode="same"):
     import jax
 
     from jaxspec import physics
 
+    kw = {} if mode == "same" else {"mode": mode}
+    if mode == "daem" and not hasattr(physics, "daem_degrade"):
+        raise ValueError("fusion.mode='daem' needs physics.daem_degrade (make_sr_pair(mode="
+                         "'daem')); it is not in this jaxspec")
+
     def fn(x, psf, srf, key):
+        if mode == "daem":
+            return physics.make_sr_pair(x, psf, scale, srf, key=key, snr_db_hsi=snr_hsi,
+                                        snr_db_msi=snr_msi, **kw)
         return physics.make_sr_pair(x, psf, scale, srf, key=key, snr_db_hsi=snr_hsi,
-                                    snr_db_msi=snr_msi, boundary=boundary, offset=offset)
+                                    snr_db_msi=snr_msi, boundary=boundary, offset=offset, **kw)
     return jax.jit(fn)
 
 
@@ -203,16 +237,18 @@ def crop_to_scale(hsi: np.ndarray, scale: int) -> np.ndarray:
     return hsi[:h - h % scale, :w - w % scale]
 
 
-def _reflect_window(x: np.ndarray, y0: int, x0: int, size: int, margin: int) -> np.ndarray:
+def _reflect_window(x: np.ndarray, y0: int, x0: int, size: int, margin: int,
+                    fill: str = "reflect") -> np.ndarray:
     """``x[y0 - margin : y0 + size + margin, x0 - margin : ...]`` with the parts outside the image
-    filled by reflection (the same values a reflect-boundary blur of the full image sees)."""
+    filled by reflection (the values a reflect-boundary blur of the full image sees) or zeros
+    (``fill="constant"``: the zero border of the DAEM operator)."""
     h, w = x.shape[:2]
     ya, yb = y0 - margin, y0 + size + margin
     xa, xb = x0 - margin, x0 + size + margin
     win = x[max(ya, 0):min(yb, h), max(xa, 0):min(xb, w)]
     pads = ((max(-ya, 0), max(yb - h, 0)), (max(-xa, 0), max(xb - w, 0)), (0, 0))
     if any(p for pair in pads for p in pair):
-        win = np.pad(win, pads, mode="reflect")
+        win = np.pad(win, pads, mode=fill)
     return win
 
 
@@ -221,8 +257,8 @@ def train_pair(example: Mapping[str, Any], deg: Degradation, rng: np.random.Gene
     """A random ``crop`` x ``crop`` fusion training pair (crop a multiple of s).
 
     The HR window starts at a multiple of s (on the decimation grid of the full image) and is
-    synthesised with a margin of ceil(r / s) * s pixels (r the PSF radius, reflect-filled outside
-    the image), then cut: without augmentation the pair equals the same crop of the full-image
+    synthesised with a margin (:meth:`Degradation.margin`: the PSF's reach rounded up to a
+    multiple of s, reflect- or, for the DAEM operator, zero-filled outside the image), then cut: without augmentation the pair equals the same crop of the full-image
     pair exactly (tested). ``augment`` (dihedral / flips) transforms the HR window (with its
     symmetric margin) before the degradation. The PSF follows the protocol with the source index
     ``example["_index"]``; the noise is drawn from ``rng``."""
@@ -235,10 +271,10 @@ def train_pair(example: Mapping[str, Any], deg: Degradation, rng: np.random.Gene
         raise ValueError(f"crop size {crop} is larger than the image {h}x{w}; use a smaller crop")
     y0 = int(rng.integers(0, (h - crop) // s + 1)) * s
     x0 = int(rng.integers(0, (w - crop) // s + 1)) * s
-    r = deg.psf_size_odd // 2
-    m = -(-r // s) * s
+    m = deg.margin()
     # normalise on the full image (as evaluation does), then cut the window
-    win = _reflect_window(deg.normalise(hsi), y0, x0, crop, m)
+    win = _reflect_window(deg.normalise(hsi), y0, x0, crop, m,
+                          "constant" if deg.mode == "daem" else "reflect")
     from jaxspec.data.pipeline import dihedral
     win = dihedral(win, rng, augment)
     pair = deg.synthesize(win, example.get("bands"), int(example.get("_index", 0)), seed,

@@ -9,7 +9,8 @@ Layout under ``<workdir>/checkpoints``::
     best/<step>/meta/      JSON incl. the validation metrics
 
 ``latest`` keeps the last ``keep_last`` steps; ``best`` keeps one (orbax ``best_fn`` on the
-validation ``select_metric``, mode "min" or "max"; a non-finite value counts as the worst).
+validation ``select_metric``, mode "min" or "max", stored with every best checkpoint as the
+``_rank`` metric so any reader agrees; a non-finite value counts as the worst).
 Saves are asynchronous (the train loop continues while the arrays are written); a save is only
 visible after orbax's atomic rename, so a process killed mid-save leaves the previous
 checkpoint as the latest one. Checkpoints written before ``model_state`` (top-level
@@ -38,10 +39,19 @@ def _abstract(tree):
 
 
 def _rank(value: float, mode: str) -> float:
+    """Smaller is better: the value (min) or its negation (max); non-finite = worst (+inf)."""
     v = float(value)
     if not math.isfinite(v):
-        return math.inf if mode == "min" else -math.inf
-    return v
+        return math.inf
+    return v if mode == "min" else -v
+
+
+def _best_key(metrics: dict) -> float:
+    # "_rank" is written by save_best, so any reader (read-only, other select metric) agrees;
+    # best checkpoints written before it ranked by MRAE
+    if "_rank" in metrics:
+        return float(metrics["_rank"])
+    return _rank(metrics.get("mrae", math.inf), "min")
 
 
 class Checkpointer:
@@ -66,8 +76,8 @@ class Checkpointer:
         self._best = ocp.CheckpointManager(
             self.directory / BEST, options=ocp.CheckpointManagerOptions(
                 max_to_keep=None if read_only else 1,
-                best_fn=lambda m: _rank(m[select_metric], select_mode),
-                best_mode=select_mode, keep_checkpoints_without_metrics=False, **common))
+                best_fn=_best_key, best_mode="min", keep_checkpoints_without_metrics=False,
+                **common))
 
     # ---- queries ------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -93,10 +103,12 @@ class Checkpointer:
             raise ValueError(f"save_best needs metrics[{self.select_metric!r}] (the selection "
                              f"metric); got {sorted(metrics)}")
         metrics = {k: float(v) for k, v in metrics.items()}
+        ranked = {**metrics, "_rank": _rank(metrics[self.select_metric], self.select_mode)}
         return self._best.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(variables_tree),
-            meta=ocp.args.JsonSave({**dict(meta), "metrics": metrics})),
-            metrics=metrics, force=True)
+            meta=ocp.args.JsonSave({**dict(meta), "metrics": metrics,
+                                    "select_metric": self.select_metric})),
+            metrics=ranked, force=True)
 
     # ---- restore ------------------------------------------------------------------------
     def restore(self, target_tree: dict, step: int | None = None) -> tuple[dict, dict]:
