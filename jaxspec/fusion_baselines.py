@@ -15,16 +15,21 @@ the batch with ``jax.vmap``.
   endmembers coupled through the SRF and the abundances through the PSF.
 
 The spatial degradation ``S`` that GSA and CNMF need (to compare the MSI with the LR-HSI and
-to degrade HR abundances) is :func:`jaxspec.physics.daem_degrade` with ``psf``: a (k, k)
-kernel (k >= s), one (B, k, k) kernel per image, or ``None`` for the s x s box (block mean).
+to degrade HR abundances) is given by ``psf`` -- a (k, k) kernel, one (B, k, k) kernel per
+image, or ``None`` for the s x s box (block mean) -- and ``degradation``:
+
+* ``"daem"`` (default): :func:`jaxspec.physics.daem_degrade`, DAEM's zero-padded valid
+  correlation with stride s (any k >= s);
+* ``"same"``: :func:`jaxspec.physics.spatial_degrade`, a same-size convolution with a
+  reflected border then phase-0 decimation (odd k), i.e. ``physics.make_sr_pair``'s default.
 
 Alignment: LR pixel ``i`` is the PSF-weighted average around HR coordinate ``c + s i``
-(``lr_center`` = ``c``, per axis). The box and any symmetric k = s kernel give the cell centre
-``c = (s - 1) / 2``, :func:`jax.image.resize`'s half-pixel convention; a DAEM kernel centred
-at ``k // 2`` gives ``c = k // 2 - (k - s) // 2`` (``s / 2`` for k = s, half a pixel off the
-cell centre); phase-0 decimation after a centred blur (``physics.spatial_degrade``) gives
-``c = 0``. :func:`psf_lr_center` computes ``c`` from a kernel's centroid; the upsamplers use
-it so that interpolated LR pixels land where they were measured.
+(``lr_center`` = ``c``, per axis). The box and any symmetric k = s kernel under ``"daem"`` give
+the cell centre ``c = (s - 1) / 2`` (:func:`jax.image.resize`'s half-pixel convention); a DAEM
+kernel centred at ``k // 2`` gives ``c = k // 2 - (k - s) // 2`` (``s / 2`` for k = s, half a
+pixel off the cell centre); a centred kernel under ``"same"`` gives ``c = 0``. By default the
+methods compute ``c`` from the kernel's centroid (:func:`psf_lr_center`, traceable), so
+interpolated LR pixels land where they were measured.
 """
 from __future__ import annotations
 
@@ -36,9 +41,10 @@ import numpy as np
 
 from jaxspec import physics
 
-__all__ = ["bicubic", "gsa", "cnmf", "psf_lr_center", "GSA_MODES"]
+__all__ = ["bicubic", "gsa", "cnmf", "psf_lr_center", "GSA_MODES", "DEGRADATIONS"]
 
 GSA_MODES = ("grouped", "joint")
+DEGRADATIONS = ("daem", "same")
 _HI = jax.lax.Precision.HIGHEST
 _EPS = 1e-12
 
@@ -76,16 +82,22 @@ def _check_pair(lr_hsi, hr_msi, scale, fn: str):
     return lr, msi, s
 
 
-def _check_psf(psf, batch: int, scale: int, fn: str):
-    """None -> the s x s box; (k, k) or (B, k, k) with k >= s -> normalised (B, k, k)."""
+def _check_psf(psf, batch: int, scale: int, degradation: str, fn: str):
+    """None -> the s x s box; (k, k) or (B, k, k) -> normalised (B, k, k) float32."""
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"{fn}: degradation must be one of {DEGRADATIONS}, got {degradation!r}")
     if psf is None:
+        if degradation == "same":
+            raise ValueError(f"{fn}: degradation='same' needs an odd psf (no default box)")
         p = jnp.full((scale, scale), 1.0 / scale ** 2, jnp.float32)
     else:
         p = jnp.asarray(psf, jnp.float32)
         if p.ndim not in (2, 3) or p.shape[-1] != p.shape[-2]:
             raise ValueError(f"{fn}: psf must be (k, k) or (B, k, k), got {p.shape}")
-        if p.shape[-1] < scale:
+        if degradation == "daem" and p.shape[-1] < scale:
             raise ValueError(f"{fn}: psf size {p.shape[-1]} must be >= scale {scale}")
+        if degradation == "same" and p.shape[-1] % 2 == 0:
+            raise ValueError(f"{fn}: degradation='same' needs an odd psf size, got {p.shape}")
         if p.ndim == 3 and p.shape[0] != batch:
             raise ValueError(f"{fn}: {p.shape[0]} PSFs for a batch of {batch}")
         physics.render.check_finite(p, "psf", fn)
@@ -94,39 +106,42 @@ def _check_psf(psf, batch: int, scale: int, fn: str):
     return jnp.broadcast_to(p, (batch,) + p.shape[-2:])
 
 
-def psf_lr_center(psf, scale: int) -> tuple[float, float]:
-    """HR coordinate ``(c_y, c_x)`` of LR pixel 0 under :func:`jaxspec.physics.daem_degrade`
-    with ``psf`` (k, k): the kernel centroid minus the zero padding ``(k - s) // 2``.
-    ``None`` (box) -> ``((s - 1) / 2, (s - 1) / 2)``. Concrete kernels only."""
-    s = _check_scale(scale, "psf_lr_center")
-    if psf is None:
-        return (s - 1) / 2.0, (s - 1) / 2.0
-    p = np.asarray(psf, np.float64)
-    if p.ndim == 3:
-        p = p.mean(0)
-    p = p / p.sum()
+def _kernel_center(p, s: int, degradation: str) -> jax.Array:
+    """(c_y, c_x) of LR pixel 0 for a normalised (k, k) kernel (traceable)."""
     k = p.shape[-1]
-    idx = np.arange(k)
-    pad = (k - s) // 2
-    return float((p.sum(1) * idx).sum() - pad), float((p.sum(0) * idx).sum() - pad)
+    idx = jnp.arange(k, dtype=jnp.float32)
+    cen = jnp.stack([jnp.sum(jnp.sum(p, 1) * idx), jnp.sum(jnp.sum(p, 0) * idx)])
+    if degradation == "daem":       # correlation: LR i sees HR s i + u - pad
+        return cen - (k - s) // 2
+    return (k - 1) / 2.0 - cen      # convolution (flipped kernel), phase-0 decimation
 
 
-def _center(lr_center, s: int) -> tuple[float, float]:
-    if lr_center is None:
-        return ((s - 1) / 2.0, (s - 1) / 2.0)
-    return tuple(float(v) for v in np.broadcast_to(np.asarray(lr_center, np.float64), (2,)))
+def psf_lr_center(psf, scale: int, degradation: str = "daem") -> tuple[float, float]:
+    """HR coordinate ``(c_y, c_x)`` of LR pixel 0 when the LR-HSI was made with ``psf``
+    (k, k) under ``degradation``: for ``"daem"`` the kernel centroid minus the zero padding
+    ``(k - s) // 2``; for ``"same"`` ``(k - 1) / 2`` minus the centroid (the convolution flips
+    the kernel). ``None`` (box) -> ``((s - 1) / 2, (s - 1) / 2)``."""
+    s = _check_scale(scale, "psf_lr_center")
+    p = _check_psf(psf, 1, s, degradation, "psf_lr_center")
+    return tuple(float(v) for v in _kernel_center(p[0], s, degradation))
 
 
-def _resolve_center(lr_center, psf, s: int) -> tuple[float, float]:
-    """``lr_center`` if given, else the centroid of ``psf`` (numpy; pass ``lr_center``
-    explicitly when ``psf`` is traced), else the cell centre."""
-    if lr_center is not None or psf is None:
-        return _center(lr_center, s)
-    return psf_lr_center(psf, s)
+def _centers(lr_center, p, s: int, degradation: str) -> jax.Array:
+    """(B, 2) LR-pixel-0 coordinates: ``lr_center`` broadcast, else from each kernel."""
+    if lr_center is not None:
+        c = jnp.broadcast_to(jnp.asarray(lr_center, jnp.float32), (2,))
+        return jnp.broadcast_to(c, (p.shape[0], 2))
+    return jax.vmap(lambda k: _kernel_center(k, s, degradation))(p)
+
+
+def _degrade(x, p, s: int, degradation: str):
+    if degradation == "daem":
+        return physics.daem_degrade(x, p, s)
+    return physics.spatial_degrade(x, p, s)
 
 
 # ----------------------------------------------------------------------------- upsampling
-def _upsample(x, s: int, center: tuple[float, float]) -> jax.Array:
+def _upsample(x, s: int, center) -> jax.Array:
     """Keys cubic (a = -0.5, MATLAB ``imresize``'s bicubic) interpolation of (..., h, w, C)
     by ``s``, with LR pixel i placed at HR coordinate ``center + s i``. jax.image's sample
     position of output pixel x is ``(x + 0.5 - t) / s`` in input pixel units; LR pixel i (at
@@ -135,7 +150,7 @@ def _upsample(x, s: int, center: tuple[float, float]) -> jax.Array:
     nd = x.ndim
     h, w = x.shape[-3], x.shape[-2]
     shape = x.shape[:-3] + (h * s, w * s, x.shape[-1])
-    t = jnp.asarray([0.5 + center[0] - s / 2.0, 0.5 + center[1] - s / 2.0], jnp.float32)
+    t = 0.5 + jnp.asarray(center, jnp.float32) - s / 2.0
     return jax.image.scale_and_translate(
         x, shape, (nd - 3, nd - 2), jnp.asarray([s, s], jnp.float32), t, "cubic",
         antialias=False)
@@ -149,17 +164,18 @@ def bicubic(lr_hsi, scale: int, lr_center=None) -> jax.Array:
     docstring and :func:`psf_lr_center`."""
     s = _check_scale(scale, "bicubic")
     lr = _check_image(lr_hsi, "lr_hsi", "bicubic")
-    return _bicubic(lr, s, _center(lr_center, s))
+    c = jnp.full((2,), (s - 1) / 2.0) if lr_center is None else lr_center
+    return _bicubic(lr, s, jnp.broadcast_to(jnp.asarray(c, jnp.float32), (2,)))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnums=(1,))
 def _bicubic(lr, s, center):
     return _upsample(lr, s, center)
 
 
 # ----------------------------------------------------------------------------- GSA
 def gsa(lr_hsi, hr_msi, scale: int, psf=None, *, mode: str = "grouped",
-        lr_center=None) -> jax.Array:
+        degradation: str = "daem", lr_center=None) -> jax.Array:
     r"""Gram-Schmidt adaptive (GSA) fusion. Per image, with :math:`\tilde Z` the cubic
     upsampled LR-HSI, :math:`\bar{\cdot}` the per-band image mean, :math:`S` the spatial
     degradation (``psf``) and :math:`Y_k` the MSI bands:
@@ -184,8 +200,8 @@ def gsa(lr_hsi, hr_msi, scale: int, psf=None, *, mode: str = "grouped",
     lr, msi, s = _check_pair(lr_hsi, hr_msi, scale, "gsa")
     if mode not in GSA_MODES:
         raise ValueError(f"gsa: mode must be one of {GSA_MODES}, got {mode!r}")
-    p = _check_psf(psf, lr.shape[0], s, "gsa")
-    return _gsa(lr, msi, p, s, mode, _resolve_center(lr_center, psf, s))
+    p = _check_psf(psf, lr.shape[0], s, degradation, "gsa")
+    return _gsa(lr, msi, p, _centers(lr_center, p, s, degradation), s, mode, degradation)
 
 
 def _centred(x):
@@ -201,15 +217,15 @@ def _lstsq(a, b, ridge: float = 1e-7):
     return jnp.linalg.solve(ata + lam * jnp.eye(ata.shape[0]), jnp.dot(a.T, b, precision=_HI))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _gsa(lr, msi, psf, s, mode, center):
-    def one(x, y, p):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _gsa(lr, msi, psf, centers, s, mode, degradation):
+    def one(x, y, p, center):
         h, w, c = x.shape
         k = y.shape[-1]
         up = _upsample(x, s, center)
         up0 = _centred(up).reshape(-1, c)
         x0 = _centred(x).reshape(-1, c)
-        y_lr0 = _centred(physics.daem_degrade(y, p, s)).reshape(-1, k)
+        y_lr0 = _centred(_degrade(y, p, s, degradation)).reshape(-1, k)
         y0 = _centred(y).reshape(-1, k)
         ones = jnp.ones((x0.shape[0], 1), x0.dtype)
         if mode == "joint":
@@ -234,7 +250,7 @@ def _gsa(lr, msi, psf, s, mode, center):
             out = out + m * gain * (y0[:, j] - i0)[:, None]
         return out.reshape(up.shape)
 
-    return jax.vmap(one)(lr, msi, psf)
+    return jax.vmap(one)(lr, msi, psf, centers)
 
 
 # ----------------------------------------------------------------------------- CNMF
@@ -288,7 +304,7 @@ def _alternate(h, w, y, n_iter, ncol, update_w=True, update_h=True):
 
 def cnmf(lr_hsi, hr_msi, scale: int, srf, psf=None, *, n_endmembers: int = 30,
          iters: int = 200, outer_iters: int = 1, delta: float | None = None,
-         lr_center=None) -> jax.Array:
+         degradation: str = "daem", lr_center=None) -> jax.Array:
     r"""Coupled NMF (Yokoya et al. 2012). Per image, matrices pixel-major: :math:`X` (n, C)
     the LR-HSI, :math:`Y` (N, K) the MSI, :math:`R` (C, K) the SRF (known), :math:`S` the
     spatial degradation (``psf``), M = ``min(n_endmembers, C)`` endmembers (the authors'
@@ -327,16 +343,16 @@ def cnmf(lr_hsi, hr_msi, scale: int, srf, psf=None, *, n_endmembers: int = 30,
     if isinstance(outer_iters, bool) or not isinstance(outer_iters, (int, np.integer)) \
             or outer_iters < 0:
         raise ValueError(f"cnmf: outer_iters must be a non-negative integer, got {outer_iters!r}")
-    p = _check_psf(psf, lr.shape[0], s, "cnmf")
-    center = _resolve_center(lr_center, psf, s)
+    p = _check_psf(psf, lr.shape[0], s, degradation, "cnmf")
     m = min(int(n_endmembers), lr.shape[-1])
     d = jnp.full((lr.shape[0],), -1.0 if delta is None else float(delta), jnp.float32)
-    return _cnmf(lr, msi, r, p, d, s, m, int(iters), int(outer_iters), center)
+    return _cnmf(lr, msi, r, p, d, _centers(lr_center, p, s, degradation), s, m, int(iters),
+                 int(outer_iters), degradation)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
-def _cnmf(lr, msi, srf, psf, delta, s, m, iters, outer, center):
-    def one(x, y, srf, p, dlt):
+@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9, 10))
+def _cnmf(lr, msi, srf, psf, delta, centers, s, m, iters, outer, degradation):
+    def one(x, y, srf, p, dlt, center):
         h, w, c = x.shape
         hh, ww, k = y.shape
         x = jnp.maximum(x, 0.0).reshape(-1, c)
@@ -363,11 +379,11 @@ def _cnmf(lr, msi, srf, psf, delta, s, m, iters, outer, center):
         h_m0 = _upsample(h_h.reshape(h, w, m), s, center).reshape(-1, m)
         h_m = msi_step(jnp.maximum(h_m0, _EPS), w_h)
         for it in range(outer):
-            h_h = physics.daem_degrade(h_m.reshape(hh, ww, m), p, s).reshape(-1, m)
+            h_h = _degrade(h_m.reshape(hh, ww, m), p, s, degradation).reshape(-1, m)
             w_h = _update_w(h_h, w_h, xa, iters, c)
             h_h, w_h = _alternate(h_h, w_h, xa, iters, c, update_h=k > 3)
             if it < outer - 1:
                 h_m = msi_step(h_m, w_h)
         return jnp.dot(h_m, w_h[:, :c], precision=_HI).reshape(hh, ww, c)
 
-    return jax.vmap(one)(lr, msi, srf, psf, delta)
+    return jax.vmap(one)(lr, msi, srf, psf, delta, centers)
