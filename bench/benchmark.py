@@ -111,6 +111,8 @@ def bench_method(name: str, preset: str | None, reps: int) -> dict:
     method = registry.get(name)
     task = tasks.of(method)
     cfg = method.config(preset)
+    cfg = tasks.resolve_config(cfg, method, tasks.info_from_config(cfg, method).bands,
+                               where="preset")
     model = method.model(cfg)
     info = tasks.info_from_config(cfg, method)
     side = tuple(method.side_inputs)
@@ -124,9 +126,15 @@ def bench_method(name: str, preset: str | None, reps: int) -> dict:
         return tasks.split_output(task.apply(model.apply, v, x, side_inputs=side,
                                              train=False))[0]
 
+    def flops_of(fn, *a):
+        try:
+            return count_flops(fn, *a)
+        except ValueError:      # no floating-point op at all (e.g. nearest upsampling)
+            return 0.0
+
     fwd = jax.jit(apply)
     x = {k: jnp.asarray(v) for k, v in _random_inputs(task, info, (h, w), side, 1, 1).items()}
-    flops = count_flops(apply, variables, x)
+    flops = flops_of(apply, variables, x)
     out = {"method": name, "preset": preset, "task": task.name,
            "params": param_count(variables.get("params", {})),
            "paper_params_m": method.paper_params_m, "input": [h, w], "gflops": flops / 1e9}
@@ -134,7 +142,7 @@ def bench_method(name: str, preset: str | None, reps: int) -> dict:
         ph, pw = method.paper_gflops_input
         xp = {k: jnp.asarray(v) for k, v in
               _random_inputs(task, info, (ph, pw), side, 1, 2).items()}
-        out["gflops_paper_input"] = count_flops(apply, variables, xp) / 1e9
+        out["gflops_paper_input"] = flops_of(apply, variables, xp) / 1e9
         out["paper_gflops"] = method.paper_gflops
         out["paper_gflops_input"] = [ph, pw]
     t_inf = _timeit(lambda: fwd(variables, x).block_until_ready(), reps, warmup=1)

@@ -77,6 +77,9 @@ def create_model(method: str, preset: str = "cpu", **overrides) -> Model:
         cfg = cfg.replace(**cfg_kw)
     if model_kw:
         cfg = cfg.replace(model={**dict(cfg.model), **model_kw})
+    # data-derived options (band count: config.bands or the model's or 31; fusion scale)
+    from jaxspec import tasks
+    cfg = tasks.resolve_config(cfg, m, tasks.info_from_config(cfg, m).bands, where="config")
     return Model(method=m, config=cfg, module=m.model(cfg))
 
 

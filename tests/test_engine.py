@@ -371,8 +371,11 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         batch = sharding.shard_batch({"rgb": rgb, "hsi": hsi}, mesh)
         state, m = step(state, batch)
         out.append(float(m["loss"]))
+    from jaxspec.train.loop import shard_nested
+    nested = shard_nested({"a": {"rgb": rgb}, "b": {"hsi": hsi}}, mesh)
     print(json.dumps({"devices": jax.device_count(), "losses": out,
-                      "sharding": str(batch["rgb"].sharding.spec)}))
+                      "sharding": str(batch["rgb"].sharding.spec),
+                      "nested": str(nested["b"]["hsi"].sharding.spec)}))
 """)
 
 
@@ -390,7 +393,7 @@ def _run_devices(n, tmp_path):
 def test_one_vs_eight_devices_same_losses(tmp_path):
     one, eight = _run_devices(1, tmp_path), _run_devices(8, tmp_path)
     assert one["devices"] == 1 and eight["devices"] == 8
-    assert "data" in eight["sharding"]
+    assert "data" in eight["sharding"] and "data" in eight["nested"]   # stream batches too
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=0, atol=1e-5)
     assert one["losses"][-1] < one["losses"][0]
 

@@ -3,6 +3,7 @@ own optimiser states), general model state, aux losses, ``frozen`` (bitwise unch
 ``init_from`` (staged training), independent data streams."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -13,7 +14,7 @@ import pytest
 
 from jaxspec import registry
 from jaxspec.configs.base import Config
-from jaxspec.train import steps, train_and_evaluate
+from jaxspec.train import optim, steps, train_and_evaluate
 from jaxspec.train.state import create_train_state
 
 
@@ -108,9 +109,9 @@ def _sources(n, seed, c=8, size=12):
     return out
 
 
-def test_gan_phases_with_unpaired_streams_model_state_and_resume(tmp_path):
+def test_gan_phases_with_unpaired_streams_model_state_and_resume(tmp_path, monkeypatch, capsys):
     """End to end: D then G in one jitted step over two independent streams (unpaired RGB and
-    HSI), BatchNorm statistics as model state saved and restored, resume at step t."""
+    HSI), BatchNorm statistics as model state saved and restored, resume at step t (CLI)."""
     registry.register(registry.Method(name="t_gan", make_model=lambda m: GanNet(), presets={},
                                       step_kind="phases", step_options={"phases": _gan_phases()}))
     try:
@@ -125,8 +126,17 @@ def test_gan_phases_with_unpaired_streams_model_state_and_resume(tmp_path):
         assert s["step"] == 2
         rec = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
         assert {"loss/D", "loss/G", "G/smooth"} <= set(rec[-1])
-        s2 = train_and_evaluate(cfg.replace(steps=3), wd, train_source=train,
-                                eval_source=_sources(2, 2), progress=False, figures=0)
+        # resume through train.py's CLI (streams and eval data from the patched loader)
+        from jaxspec import cli
+        registry.register(dataclasses.replace(registry.get("t_gan"),
+                                              presets={"smoke": lambda: cfg}))
+        monkeypatch.setattr("jaxspec.train.loop.load_sources",
+                            lambda config, splits, dataset=None: {
+                                s: (_sources(2, 2) if s == config.eval_split else _sources(3, 0))
+                                for s in splits})
+        assert cli.main(["--method", "t_gan", "--preset", "smoke", "--workdir", str(wd),
+                         "--steps", "3", "--no-progress"]) == 0
+        s2 = json.loads(capsys.readouterr().out)
         assert s2["start_step"] == 2 and s2["step"] == 3
         import jaxspec
         _, v = jaxspec.load(wd, which="latest")
@@ -164,13 +174,22 @@ def test_init_from_and_frozen_bitwise(tmp_path):
     import jaxspec
     registry.register(registry.Method(name="t_stage", make_model=lambda m: EncHead(),
                                       presets={}))
+    # stage 1 trains with the "groups" kind (enc and head, each its own optimiser)
+    sup = steps.supervised_phase_loss(__import__("jaxspec.tasks").tasks.get("rgb2hsi"), None,
+                                      Config(method="t_stage1", preset="smoke", loss="l1"))
+    labels = lambda p: optim.label_params(p, [("^enc/", "enc")], default="head")  # noqa: E731
+    registry.register(registry.Method(
+        name="t_stage1", make_model=lambda m: EncHead(), presets={}, step_kind="groups",
+        step_options={"param_labels": labels, "losses": {"enc": sup, "head": sup},
+                      "groups": {"enc": {}, "head": {"lr": 5e-3}}}))
     try:
         base = Config(method="t_stage", preset="smoke", crop=8, batch_size=2, steps=2, lr=1e-2,
                       log_every=1, eval_every=0, ckpt_every=2, rgb_norm="none")
         w1, w2 = tmp_path / "s1", tmp_path / "s2"
         data = dict(train_source=_sources(3, 0), eval_source=_sources(2, 1), progress=False,
                     figures=0)
-        train_and_evaluate(base, w1, **data)
+        s1 = train_and_evaluate(base.replace(method="t_stage1"), w1, **data)
+        assert s1["step"] == 2 and np.isfinite(s1["final_loss"])
         _, v1 = jaxspec.load(w1)
         cfg2 = base.replace(seed=7, frozen=("^enc/",),
                             init_from=({"workdir": str(w1), "subtree": "enc", "target": "enc"},))
@@ -190,3 +209,4 @@ def test_init_from_and_frozen_bitwise(tmp_path):
             train_and_evaluate(base.replace(frozen=("^zzz/",)), tmp_path / "s4", **data)
     finally:
         registry.unregister("t_stage")
+        registry.unregister("t_stage1")

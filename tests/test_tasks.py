@@ -4,6 +4,7 @@ fusion pair synthesis and tiling geometry, and the review fixes (selection on th
 and metric, builder crop border, lazy registry, augment)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -148,14 +149,20 @@ def test_learned_fusion_with_adapt_end_to_end(fusion_methods, tmp_path, monkeypa
     assert np.load(out / "lr.npy").shape == (16, 16, 8)
 
 
-def test_parameter_free_fusion_method(fusion_methods, tmp_path, monkeypatch):
-    """step_kind='none': no training, no checkpoint; eval.json, load, fuse and evaluate work."""
+def test_parameter_free_fusion_method(fusion_methods, tmp_path, monkeypatch, capsys):
+    """step_kind='none' through train.py's CLI: no training, no checkpoint; eval.json, load,
+    fuse (untiled and tiled) and evaluate work."""
     import jaxspec
     from jaxspec import evaluate
+    from jaxspec import cli
     wd = tmp_path / "nearest"
     cfg = _config("t_nearest", fusion=FUSION)
-    summary = train_and_evaluate(cfg, wd, eval_source=_hsi_source(2, 1), progress=False,
-                                 figures=0)
+    registry.register(dataclasses.replace(registry.get("t_nearest"), presets={"smoke": lambda: cfg}))
+    monkeypatch.setattr("jaxspec.train.loop.load_sources",
+                        lambda config, splits, dataset=None: {s: _hsi_source(2, 1) for s in splits})
+    assert cli.main(["--method", "t_nearest", "--preset", "smoke", "--workdir", str(wd),
+                     "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
     assert summary["params"] == 0 and summary["step"] == 0
     assert not (wd / "checkpoints").exists()
     ev = json.loads((wd / "eval.json").read_text())
@@ -172,12 +179,10 @@ def test_parameter_free_fusion_method(fusion_methods, tmp_path, monkeypatch):
     np.testing.assert_allclose(tiled, out, atol=1e-6)
     with pytest.raises(ValueError, match="multiple of scale x stride"):
         jaxspec.fuse(model, variables, src["lr_hsi"], src["hr_msi"], tile=6, overlap=4)
-    monkeypatch.setattr("jaxspec.train.loop.load_sources",
-                        lambda config, splits, dataset=None: {s: _hsi_source(2, 1) for s in splits})
     assert evaluate.main(["--workdir", str(wd), "--figures", "0"]) == 0
 
 
-def test_hsi2hsi_autoencoder_aux_loss_and_bands_from_data(tmp_path):
+def test_hsi2hsi_autoencoder_aux_loss_and_bands_from_data(tmp_path, monkeypatch):
     """hsi2hsi: in/out channels filled from the data (8 bands, no preset edit); the model's
     aux loss is weighted by config.aux_loss_weights and logged; a stated band count that
     disagrees with the data stops the run at start-up."""
@@ -195,6 +200,11 @@ def test_hsi2hsi_autoencoder_aux_loss_and_bands_from_data(tmp_path):
         assert "aux/commit" in lines[0]
         ev = json.loads((wd / "eval.json").read_text())
         assert ev["task"] == "hsi2hsi" and "mrae" in ev["mean"]
+        from jaxspec import evaluate
+        monkeypatch.setattr("jaxspec.train.loop.load_sources",
+                            lambda config, splits, dataset=None: {s: _hsi_source(2, 1)
+                                                                  for s in splits})
+        assert evaluate.main(["--workdir", str(wd), "--figures", "0"]) == 0
         with pytest.raises(ValueError, match="model.out_channels=31 but"):
             train_and_evaluate(cfg.replace(model={"out_channels": 31}), tmp_path / "bad",
                                train_source=_hsi_source(3, 0), eval_source=_hsi_source(2, 1),
