@@ -193,6 +193,9 @@ class _LibraryNoise(logging.Filter):
         # orbax on a torn step dir; jaxspec.train.checkpointing reports it in one line
         "Failed to json parse Metadata file",
         "Metadata file does not exist",
+        # orbax logs a failed background write (e.g. disk full) with its traceback before the
+        # same exception reaches the caller, which reports it in one line
+        "_SignalingThread.run() raised an exception",
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -210,8 +213,12 @@ def quiet_library_logs() -> None:
     """Install the filter that drops orbax's ``Given directory is read only=...`` warnings.
 
     orbax logs them through ``absl.logging`` (python logger ``"absl"``) every time a read-only
-    ``CheckpointManager`` is created, i.e. on every ``evaluate``/``predict``. Idempotent.
+    ``CheckpointManager`` is created, i.e. on every ``evaluate``/``predict``; and orbax's
+    traceback-carrying log of a failed background write, whose exception reaches the caller
+    anyway. Idempotent; a no-op with ``JAXSPEC_DEBUG=1``.
     """
+    if _debug():
+        return
     for name in ("absl", "orbax", ""):
         logger = logging.getLogger(name)
         if _NOISE_FILTER not in logger.filters:

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -383,26 +384,45 @@ def describe_restore_error(err: BaseException, step_dir: str | os.PathLike) -> s
     return f"file {named}: {kind}: {first}" if named else f"{kind}: {first}"
 
 
+def _is_closed_loop_noise(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+_HOOKS_INSTALLED = []
+
+
+def _install_noise_hooks() -> None:
+    """After a failed orbax restore its sibling read tasks finish on a closed event loop and
+    raise "Event loop is closed" from threads / finalizers (dozens of tracebacks burying the
+    cause). Drop exactly those; everything else reaches the previous hooks. Idempotent."""
+    if _HOOKS_INSTALLED:
+        return
+    old_thread, old_unraisable = threading.excepthook, sys.unraisablehook
+
+    def thread_hook(args):
+        if not _is_closed_loop_noise(args.exc_value):
+            old_thread(args)
+
+    def unraisable_hook(args):
+        if not _is_closed_loop_noise(args.exc_value):
+            old_unraisable(args)
+
+    threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
+    _HOOKS_INSTALLED.append(True)
+
+
 @contextlib.contextmanager
 def _quiet_restore():
     """Silence the secondary noise of a failed orbax restore: asyncio's "Task exception was
     never retrieved" for the sibling reads and "Event loop is closed" from its threads."""
     aio = logging.getLogger("asyncio")
-    old_level, old_hook = aio.level, threading.excepthook
-
-    def hook(args):
-        if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(
-                args.exc_value):
-            return
-        old_hook(args)
-
+    old_level = aio.level
+    _install_noise_hooks()
     aio.setLevel(logging.CRITICAL + 1)
-    threading.excepthook = hook
     try:
         yield
     finally:
         aio.setLevel(old_level)
-        threading.excepthook = old_hook
 
 
 # ------------------------------------------------------------------------- parameter health

@@ -3,7 +3,7 @@
 * :class:`WorkdirLock` — ``with WorkdirLock(workdir):`` around a training run. A second run
   into the same workdir raises :class:`~jaxspec.errors.WorkdirBusyError` (exit code 5) with one
   line naming the holder (pid, host, start time, command, read from ``<workdir>/.lock``). The
-  lock is an ``fcntl.flock`` (:mod:`jaxspec.locking`): the kernel releases it when the holder
+  lock is an ``fcntl.flock`` (:mod:`jaxspec.fs`): the kernel releases it when the holder
   exits or crashes, so a stale lock of a dead process is taken over (with a log line).
   Multi-host jobs take it on process 0 only (``enabled=jax.process_index() == 0``).
 * :func:`write_json_atomic` — ``tmp + fsync + os.replace``: readers see the old file or the
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxspec.errors import OutputError, WorkdirBusyError, WorkdirMismatchError
-from jaxspec.locking import HolderLock, describe_holder, read_holder
+from jaxspec.fs import HolderLock, describe_holder, read_holder, write_json_atomic
 
 __all__ = ["LOCK_NAME", "RESUMABLE_KEYS", "STATE_KEYS", "WorkdirLock", "check_output_writable",
            "check_resume_compatible", "config_differences", "write_json_atomic"]
@@ -99,44 +99,6 @@ def check_resume_compatible(old_config: Mapping[str, Any], new_config: Mapping[s
             f"--workdir, or restore the original values (keys that may change on resume: "
             f"{', '.join(RESUMABLE_KEYS)})")
     return {k: v for k, v in diffs.items() if k in RESUMABLE_KEYS}
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically: a temp file in the same directory,
-    ``fsync``, ``os.replace``, ``fsync`` of the directory. On failure (e.g. ENOSPC) the old
-    file is untouched, the temp file removed and :class:`~jaxspec.errors.OutputError` raised
-    naming ``path``. ``obj`` is serialised first, so an unserialisable object writes nothing."""
-    path = Path(path)
-    text = json.dumps(obj, indent=indent) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - directories not fsync-able on some file systems
-        pass
-    return path
 
 
 def check_output_writable(directory: str | os.PathLike, *, what: str = "output directory",

@@ -1,4 +1,7 @@
-"""Inter-process file locks that say who holds them (``fcntl.flock`` + a holder record).
+"""File-system safety primitives: inter-process locks that say who holds them, atomic JSON.
+
+:func:`write_json_atomic` writes ``tmp + fsync + os.replace`` (readers see the old or the new
+file, never a torn one).
 
 :class:`HolderLock` takes an exclusive ``flock`` on a lock file and writes a one-line JSON
 record of the holder into it: ``pid``, ``host``, ``started`` (ISO time), ``command``. The
@@ -8,7 +11,7 @@ record (it logs that it did). The record is truncated on a clean release.
 
 Used by :class:`jaxspec.train.workdir.WorkdirLock` (non-blocking: a second run refuses) and by
 dataset preparation in :mod:`jaxspec.data.builders` (blocking: the others wait, then read).
-Stdlib only, so every layer may import it.
+Only the stdlib and :mod:`jaxspec.errors`, so every layer may import it.
 
 Caveats: the descriptor is opened ``O_CLOEXEC`` (not inherited by ``exec``), but a child made
 with a bare ``fork`` (multiprocessing "fork") shares it and keeps the lock alive after its
@@ -26,17 +29,59 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from jaxspec.errors import OutputError
 
 log = logging.getLogger("jaxspec.lock")
 
-__all__ = ["HolderLock", "describe_holder", "pid_alive", "read_holder"]
+__all__ = ["HolderLock", "describe_holder", "pid_alive", "read_holder", "write_json_atomic"]
 
 _HELD: dict[str, list] = {}          # realpath -> [fd, depth]; re-entrant within a process
 _HELD_LOCK = threading.Lock()
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically: a temp file in the same directory,
+    ``fsync``, ``os.replace``, ``fsync`` of the directory. On failure (e.g. ENOSPC) the old
+    file is untouched, the temp file removed and :class:`~jaxspec.errors.OutputError` raised
+    naming ``path``. ``obj`` is serialised first, so an unserialisable object writes nothing."""
+    path = Path(path)
+    text = json.dumps(obj, indent=indent) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - directories not fsync-able on some file systems
+        pass
+    return path
 
 
 def pid_alive(pid: int) -> bool:
