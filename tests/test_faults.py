@@ -394,3 +394,16 @@ def test_lock_contention_between_real_processes(tmp_path):
         if a.poll() is None:
             a.kill()
             a.wait()
+
+
+def test_mismatched_target_is_not_mistaken_for_corruption(tmp_path):
+    """A restore into another architecture fails in one line and moves nothing aside."""
+    d = _three_steps(tmp_path)
+    other = _tree(0)
+    other["params"]["w"] = jnp.zeros((5, 8), jnp.float32)
+    with C.Checkpointer(d) as ck:
+        with pytest.raises(CheckpointError, match="latest/3 .*cannot be restored into the "
+                                                  "current model"):
+            ck.restore(other)
+        assert ck.all_steps() == [1, 2, 3]
+    assert not (d / "corrupt").exists()

@@ -144,6 +144,13 @@ class Checkpointer:
                         result = attempt(s)
                 except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types
                     problem = describe_restore_error(err, self.directory / which / str(s))
+                    if not problem.startswith("file "):
+                        # no file of the step is at fault: the checkpoint does not fit the
+                        # target (another architecture / optimiser); never set it aside
+                        raise CheckpointError(
+                            f"checkpoint {which}/{s} in {self.directory} cannot be restored "
+                            f"into the current model/optimiser state (was the config "
+                            f"changed?): {problem}") from err
             if problem is None:
                 self.restored_step = s
                 if problems:
@@ -359,8 +366,9 @@ def verify_step(step_dir: str | os.PathLike) -> str | None:
 
 
 def describe_restore_error(err: BaseException, step_dir: str | os.PathLike) -> str:
-    """One line for a failed restore of ``step_dir``: the file named in the error chain
-    (relative to the step dir) and the first line of the error."""
+    """One line for a failed restore of ``step_dir``: ``file <rel>: <error>`` when the error
+    chain names a file inside the step dir (a corrupt / missing file), else ``<error>`` (the
+    checkpoint is intact but does not fit the restore target)."""
     step_dir = Path(step_dir)
     seen, e, files = set(), err, []
     while e is not None and id(e) not in seen:
