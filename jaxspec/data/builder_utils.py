@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxspec.data import readers
+from jaxspec.errors import DataError
 
 __all__ = [
     "RealDatasetBuilder", "RenderConfig", "SrfCache", "cube_rgb_example", "module_summary",
@@ -149,7 +150,7 @@ def optional_bands(data: Mapping[str, np.ndarray], path: Path | str, n_bands: in
         return default
     bands = np.asarray(data["bands"], np.float32).reshape(-1)
     if bands.shape != (n_bands,):
-        raise ValueError(f"{path}: 'bands' has {bands.size} values, expected {n_bands}")
+        raise DataError(f"{path}: 'bands' has {bands.size} values, expected {n_bands}")
     return bands
 
 
@@ -163,7 +164,7 @@ def cube_rgb_example(mat: Path, img: Path, *, n_bands: int, default_bands: np.nd
     bands = optional_bands(data, mat, n_bands, default_bands)
     rgb = readers.read_rgb_image(img)
     if rgb.shape[:2] != cube.shape[:2]:
-        raise ValueError(
+        raise DataError(
             f"{img}: RGB size {rgb.shape[:2]} differs from cube {mat} {cube.shape[:2]}")
     return {"hsi": cube, "rgb": rgb.astype(np.float32), "bands": bands, "name": mat.stem}
 

@@ -4,17 +4,42 @@
 ``datasets``), so builder modules are imported by file path under a private module name
 (``_jaxspec_builders_<name>_dataset_builder``) and cached in ``sys.modules``: the TFDS
 registration of the class happens exactly once per process.
+
+Preparation is safe and keyed by its source (docs/reliability.md):
+
+* **One builder at a time**: :func:`builder` prepares under an exclusive ``fcntl`` lock
+  (``<data_dir>/<name>/<config>/.<version>.prepare.lock``, :class:`jaxspec.fs.HolderLock`):
+  when several processes (parallel runs, the hosts of a multi-host job on a shared data_dir)
+  reach an unprepared dataset at once, one builds and the others wait, then read its result.
+* **Keyed by manual_dir**: a real dataset prepared from a ``manual_dir`` stores the
+  fingerprint of that directory (:func:`manual_dir_fingerprint`: sorted relative file paths and
+  sizes, hashed) in ``<data_path>/jaxspec_source.json``. A later call with a ``manual_dir``
+  whose fingerprint differs (scenes added/removed, a file re-downloaded with another size), or
+  a build without a stored fingerprint (prepared before fingerprints existed), deletes the
+  prepared version and rebuilds it, under the lock, with a log line saying why. One data_dir
+  holds one build per dataset/config: to keep builds of two manual_dirs, use two data_dirs.
+  A call without ``manual_dir`` uses whatever is prepared.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import logging
 import os
+import shutil
 import sys
 import threading
+import time
 from pathlib import Path
+
+from jaxspec.errors import DataNotFoundError, UsageError
+from jaxspec.fs import HolderLock, describe_holder, write_json_atomic
+
+log = logging.getLogger("jaxspec.data")
 
 _LOCK = threading.RLock()
 _MODULE_PREFIX = "_jaxspec_builders_"
+FINGERPRINT_FILE = "jaxspec_source.json"
 
 
 def datasets_dir() -> Path:
@@ -44,10 +69,10 @@ def list_datasets() -> list[str]:
 
 def _split_name(name: str) -> tuple[str, str | None]:
     if not isinstance(name, str) or not name:
-        raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
+        raise UsageError(f"dataset name must be a non-empty string, got {name!r}")
     base, _, config = name.partition("/")
     if "/" in config:
-        raise ValueError(f"dataset name must be 'name' or 'name/config', got {name!r}")
+        raise UsageError(f"dataset name must be 'name' or 'name/config', got {name!r}")
     return base, (config or None)
 
 
@@ -58,14 +83,14 @@ def load_builder_module(name: str):
     """
     base, _ = _split_name(name)
     if not base.replace("_", "").isalnum():
-        raise ValueError(f"invalid dataset name {name!r}")
+        raise UsageError(f"invalid dataset name {name!r}")
     mod_name = f"{_MODULE_PREFIX}{base}_dataset_builder"
     with _LOCK:
         if mod_name in sys.modules:
             return sys.modules[mod_name]
         path = datasets_dir() / base / f"{base}_dataset_builder.py"
         if not path.is_file():
-            raise ValueError(
+            raise UsageError(
                 f"unknown dataset {base!r}: no builder file {path}; available: {list_datasets()}")
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
@@ -77,7 +102,7 @@ def load_builder_module(name: str):
             raise
         if not hasattr(module, "Builder"):
             del sys.modules[mod_name]
-            raise ValueError(f"{path} does not define a class named 'Builder'")
+            raise UsageError(f"{path} does not define a class named 'Builder'")
         return module
 
 
@@ -97,28 +122,115 @@ def builder(name: str, data_dir=None, manual_dir=None, config: str | None = None
 
     base, cfg_from_name = _split_name(name)
     if cfg_from_name and config and cfg_from_name != config:
-        raise ValueError(f"config given twice: {name!r} and config={config!r}")
+        raise UsageError(f"config given twice: {name!r} and config={config!r}")
     config = config or cfg_from_name
     module = load_builder_module(base)
     cls = module.Builder
     known = [c.name for c in getattr(cls, "BUILDER_CONFIGS", [])]
     if config is not None and config not in known:
-        raise ValueError(f"unknown config {config!r} for dataset {base!r}; available: {known}")
+        raise UsageError(f"unknown config {config!r} for dataset {base!r}; available: {known}")
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     kwargs = {"data_dir": str(data_dir), "file_format": "array_record"}
     if config is not None:
         kwargs["config"] = config
     b = cls(**kwargs)
-    if prepare and not b.is_prepared():
-        dl_config = None
-        if manual_dir is not None:
-            manual_dir = Path(manual_dir).expanduser()
-            if not manual_dir.is_dir():
-                raise FileNotFoundError(f"manual_dir does not exist: {manual_dir}")
-            dl_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
-        with _LOCK:
-            b.download_and_prepare(download_config=dl_config, file_format="array_record")
+    if not prepare:
+        return b
+    fingerprint = None
+    dl_config = None
+    if manual_dir is not None:
+        manual_dir = Path(manual_dir).expanduser()
+        if not manual_dir.is_dir():
+            raise DataNotFoundError(f"manual_dir does not exist: {manual_dir}")
+        dl_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+        if getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+            fingerprint = manual_dir_fingerprint(manual_dir)
+    if b.is_prepared() and _source_matches(b, fingerprint) is None:
+        return b
+    label = base + (f"/{config}" if config else "")
+    lock = HolderLock(Path(b.data_path).parent / f".{b.version}.prepare.lock",
+                      what=f"dataset {label} in {data_dir}", blocking=True,
+                      on_wait=lambda rec: log.warning(
+                          "dataset %s in %s is being prepared by %s; waiting for it", label,
+                          data_dir, describe_holder(rec)))
+    with lock, _LOCK:
+        b = cls(**kwargs)           # another process may have prepared it while we waited
+        if b.is_prepared():
+            why = _source_matches(b, fingerprint)
+            if why is None:
+                return b
+            log.warning("dataset %s in %s: %s; deleting %s and preparing it again", label,
+                        data_dir, why, b.data_path)
+            _remove_tree(Path(b.data_path))
+            b = cls(**kwargs)
+        b.download_and_prepare(download_config=dl_config, file_format="array_record")
+        if fingerprint is not None:
+            write_json_atomic(Path(b.data_path) / FINGERPRINT_FILE, fingerprint)
     return b
+
+
+def manual_dir_fingerprint(manual_dir: str | os.PathLike) -> dict:
+    """What a prepared dataset was built from: ``sha256`` over the sorted ``relative path,
+    size`` of every file below ``manual_dir`` (symlinks followed; names starting with ``.``
+    skipped), ``n_files``, ``total_bytes``, the directory and its top-level entries (for
+    messages). Modification times are not used: copying a dataset (``cp -r``, unzip again)
+    changes them without changing the data; sizes catch added, removed and re-downloaded
+    files."""
+    root = Path(manual_dir).expanduser().absolute()
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            try:
+                size = p.stat().st_size
+            except OSError:        # a dangling symlink: part of the layout, size unknown
+                size = -1
+            entries.append((p.relative_to(root).as_posix(), size))
+    entries.sort()
+    h = hashlib.sha256()
+    for rel, size in entries:
+        h.update(f"{rel}\0{size}\n".encode("utf-8", "surrogateescape"))
+    top = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    return {"sha256": h.hexdigest(), "n_files": len(entries),
+            "total_bytes": int(sum(max(s, 0) for _, s in entries)), "manual_dir": str(root),
+            "top_level": top[:20] + (["..."] if len(top) > 20 else [])}
+
+
+def prepared_source(b) -> dict | None:
+    """The stored :func:`manual_dir_fingerprint` of a prepared builder (None: none stored)."""
+    import json
+    try:
+        rec = json.loads((Path(b.data_path) / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _source_matches(b, fingerprint: dict | None) -> str | None:
+    """None when the prepared ``b`` may be reused for ``fingerprint``, else why not."""
+    if fingerprint is None:
+        return None
+    stored = prepared_source(b)
+    if stored is None:
+        return "the prepared data record no manual_dir fingerprint (prepared by an older version)"
+    if stored.get("sha256") == fingerprint["sha256"]:
+        return None
+    return (f"manual_dir changed since it was prepared (then {stored.get('n_files')} files, "
+            f"{stored.get('total_bytes')} bytes in {stored.get('manual_dir')}; now "
+            f"{fingerprint['n_files']} files, {fingerprint['total_bytes']} bytes in "
+            f"{fingerprint['manual_dir']})")
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename ``path`` aside (atomic: readers never see half a directory), then delete it."""
+    if not path.exists():
+        return
+    aside = path.with_name(f".{path.name}.stale-{os.getpid()}-{int(time.time() * 1000)}")
+    path.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def data_source(builder_or_name, split: str, data_dir=None, manual_dir=None,
@@ -129,5 +241,5 @@ def data_source(builder_or_name, split: str, data_dir=None, manual_dir=None,
         b = builder(b, data_dir=data_dir, manual_dir=manual_dir, config=config)
     available = list(b.info.splits.keys())
     if not isinstance(split, str) or split.split("[", 1)[0] not in available:
-        raise ValueError(f"unknown split {split!r} for {b.name}; available: {available}")
+        raise UsageError(f"unknown split {split!r} for {b.name}; available: {available}")
     return b.as_data_source(split=split)

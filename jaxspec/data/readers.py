@@ -3,8 +3,11 @@
 Every reader returns numpy arrays in image orientation, bands last, (H, W, C), and follows
 one error contract:
 
-* a missing file raises ``FileNotFoundError`` naming the path;
-* a corrupt, truncated or unexpected file raises ``ValueError`` naming the path and the problem.
+* a missing file raises :class:`~jaxspec.errors.DataNotFoundError` (a ``FileNotFoundError``)
+  naming the path;
+* a corrupt, truncated or unexpected file raises :class:`~jaxspec.errors.DataError` (a
+  ``ValueError``) naming the path and the problem. No other exception escapes a reader for a
+  malformed file (``tests/test_readers_fuzz.py`` feeds them mutated files).
 
 Formats (see ``/docs/datasets.md`` for which dataset uses which):
 
@@ -33,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxspec.errors import DataError, DataNotFoundError
+
 __all__ = [
     "MatArray",
     "EnviImage",
@@ -60,14 +65,42 @@ __all__ = [
 ]
 
 
+def _typed_errors(what: str):
+    """Decorator: any exception other than the project's typed errors raised while reading
+    (h5py/scipy/Pillow/tifffile/numpy on a malformed file raise OSError, RuntimeError,
+    KeyError, struct.error, ...) becomes a :class:`DataError` naming the file (the first
+    argument) and ``what`` was being read."""
+    import functools
+
+    from jaxspec.errors import JaxspecError
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except JaxspecError:
+                raise
+            except (MemoryError, Exception) as err:  # noqa: BLE001 - see docstring
+                target = args[0] if args else kwargs.get("path", "?")
+                if isinstance(target, MatArray):
+                    target = target.path
+                msg = " ".join(str(err).split())[:300] or type(err).__name__
+                raise DataError(f"{target}: corrupt, truncated or unreadable {what}: "
+                                f"{msg}") from err
+        return wrapper
+    return deco
+
+
 def _existing_file(path: str | os.PathLike) -> Path:
     p = Path(os.fspath(path))
     if not p.is_file():
-        raise FileNotFoundError(f"File not found: {p}")
+        raise DataNotFoundError(f"File not found: {p}")
     return p
 
 
 # ----------------------------------------------------------------------------- MATLAB
+@_typed_errors('MATLAB file')
 def is_mat_v73(path: str | os.PathLike) -> bool:
     """True when ``path`` is a MATLAB v7.3 (HDF5) file, False for v4/v5/v7."""
     import h5py
@@ -80,19 +113,20 @@ def _h5_to_matlab(ds, path: Path, key: str) -> np.ndarray:
     import h5py
 
     if not isinstance(ds, h5py.Dataset):
-        raise ValueError(
+        raise DataError(
             f"{path}: key {key!r} is a MATLAB struct/group, not a numeric array"
         )
     try:
         arr = ds[()]
     except (OSError, RuntimeError) as err:
-        raise ValueError(f"{path}: cannot read {key!r} (corrupt or truncated file): {err}") from err
+        raise DataError(f"{path}: cannot read {key!r} (corrupt or truncated file): {err}") from err
     arr = np.asarray(arr)
     if arr.dtype.names is not None:  # MATLAB complex arrays: compound (real, imag)
         arr = arr["real"] + 1j * arr["imag"]
     return arr.T  # column-major (C, W, H) -> MATLAB's (H, W, C)
 
 
+@_typed_errors('MATLAB file')
 def read_mat(path: str | os.PathLike, keys: str | Sequence[str],
              optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Reads variables from a MATLAB ``.mat`` file of any version.
@@ -116,7 +150,7 @@ def read_mat(path: str | os.PathLike, keys: str | Sequence[str],
     p = _existing_file(path)
     keys = [keys] if isinstance(keys, str) else list(keys)
     if not keys:
-        raise ValueError("read_mat: `keys` is empty")
+        raise DataError("read_mat: `keys` is empty")
     optional = [k for k in optional if k not in keys]
     if is_mat_v73(p):
         import h5py
@@ -124,26 +158,26 @@ def read_mat(path: str | os.PathLike, keys: str | Sequence[str],
         try:
             f = h5py.File(str(p), "r")
         except OSError as err:
-            raise ValueError(f"{p}: not a readable MATLAB v7.3/HDF5 file: {err}") from err
+            raise DataError(f"{p}: not a readable MATLAB v7.3/HDF5 file: {err}") from err
         with f:
             present = sorted(k for k in f.keys() if not k.startswith("#"))
             missing = [k for k in keys if k not in f]
             if missing:
-                raise ValueError(f"{p}: variable(s) {missing} not found; present: {present}")
+                raise DataError(f"{p}: variable(s) {missing} not found; present: {present}")
             return {k: _h5_to_matlab(f[k], p, k) for k in keys + [o for o in optional if o in f]}
     import scipy.io
 
     try:
         data = scipy.io.loadmat(str(p), variable_names=keys + optional)
     except Exception as err:  # scipy raises ValueError/TypeError/OSError/MatReadError
-        raise ValueError(f"{p}: not a readable MATLAB v5 file: {err}") from err
+        raise DataError(f"{p}: not a readable MATLAB v5 file: {err}") from err
     missing = [k for k in keys if k not in data]
     if missing:
         try:
             present = sorted(n for n, *_ in scipy.io.whosmat(str(p)))
         except Exception:  # pragma: no cover - whosmat on a file loadmat just read
             present = []
-        raise ValueError(f"{p}: variable(s) {missing} not found; present: {present}")
+        raise DataError(f"{p}: variable(s) {missing} not found; present: {present}")
     return {k: np.asarray(data[k]) for k in keys + [o for o in optional if o in data]}
 
 
@@ -159,6 +193,15 @@ class MatArray:
 
     def __init__(self, path: str | os.PathLike, key: str):
         self.path = _existing_file(path)
+        self._file = None
+        try:
+            self._open(key)
+        except BaseException:
+            self.close()
+            raise
+
+    @_typed_errors("MATLAB file")
+    def _open(self, key: str) -> None:
         self.key = key
         self._file = None
         self._ds = None
@@ -169,15 +212,15 @@ class MatArray:
             try:
                 self._file = h5py.File(str(self.path), "r")
             except OSError as err:
-                raise ValueError(f"{self.path}: not a readable MATLAB v7.3/HDF5 file: {err}") from err
+                raise DataError(f"{self.path}: not a readable MATLAB v7.3/HDF5 file: {err}") from err
             if key not in self._file:
                 present = sorted(self._file.keys())
                 self._file.close()
-                raise ValueError(f"{self.path}: variable {key!r} not found; present: {present}")
+                raise DataError(f"{self.path}: variable {key!r} not found; present: {present}")
             ds = self._file[key]
             if not isinstance(ds, h5py.Dataset):
                 self._file.close()
-                raise ValueError(f"{self.path}: key {key!r} is a MATLAB struct/group, not an array")
+                raise DataError(f"{self.path}: key {key!r} is a MATLAB struct/group, not an array")
             self._ds = ds
             self.shape = tuple(reversed(ds.shape))
             self.dtype = ds.dtype
@@ -187,21 +230,22 @@ class MatArray:
             self.dtype = self._array.dtype
         self.ndim = len(self.shape)
 
+    @_typed_errors("MATLAB array")
     def __getitem__(self, index) -> np.ndarray:
         if self._array is not None:
             return np.asarray(self._array[index])
         if not isinstance(index, tuple):
             index = (index,)
         if len(index) > self.ndim or any(not isinstance(s, slice) for s in index):
-            raise ValueError("MatArray supports only basic slices, e.g. a[0:10, 5:20, :]")
+            raise DataError("MatArray supports only basic slices, e.g. a[0:10, 5:20, :]")
         index = index + (slice(None),) * (self.ndim - len(index))
         for s in index:
             if s.step not in (None, 1):
-                raise ValueError("MatArray slices must have step 1")
+                raise DataError("MatArray slices must have step 1")
         try:
             out = self._ds[tuple(reversed(index))]
         except (OSError, RuntimeError) as err:
-            raise ValueError(
+            raise DataError(
                 f"{self.path}: cannot read {self.key!r} (corrupt or truncated file): {err}"
             ) from err
         return np.asarray(out).T
@@ -232,7 +276,7 @@ def _png_header(path: Path) -> tuple[int, int, int, int]:
     with open(path, "rb") as fh:
         head = fh.read(33)
     if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise ValueError(f"{path}: not a PNG file (bad signature or IHDR)")
+        raise DataError(f"{path}: not a PNG file (bad signature or IHDR)")
     width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
     return width, height, depth, colour
 
@@ -250,7 +294,7 @@ def _decode_png16_multichannel(path: Path, width: int, height: int, colour: int)
         ctype = data[pos + 4 : pos + 8]
         body = data[pos + 8 : pos + 8 + length]
         if len(body) < length:
-            raise ValueError(f"{path}: truncated PNG chunk {ctype!r}")
+            raise DataError(f"{path}: truncated PNG chunk {ctype!r}")
         if ctype == b"IHDR":
             interlace = body[12]
         elif ctype == b"IDAT":
@@ -259,16 +303,16 @@ def _decode_png16_multichannel(path: Path, width: int, height: int, colour: int)
             break
         pos += 12 + length
     if interlace:
-        raise ValueError(f"{path}: interlaced 16-bit multi-channel PNGs are not supported")
+        raise DataError(f"{path}: interlaced 16-bit multi-channel PNGs are not supported")
     try:
         raw = zlib.decompress(b"".join(idat))
     except zlib.error as err:
-        raise ValueError(f"{path}: corrupt PNG image data: {err}") from err
+        raise DataError(f"{path}: corrupt PNG image data: {err}") from err
     channels = _PNG_CHANNELS[colour]
     bpp = 2 * channels
     stride = width * bpp
     if len(raw) < height * (stride + 1):
-        raise ValueError(f"{path}: truncated PNG image data")
+        raise DataError(f"{path}: truncated PNG image data")
     rows = np.frombuffer(raw, np.uint8)[: height * (stride + 1)].reshape(height, stride + 1)
     out = np.zeros((height, stride), np.uint8)
     prev = np.zeros(stride, np.int32)
@@ -295,12 +339,13 @@ def _decode_png16_multichannel(path: Path, width: int, height: int, colour: int)
                     pred = a if (pa <= pb and pa <= pc) else (b if pb <= pc else c)
                 cur[i] = (int(line[i]) + pred) & 0xFF
         else:
-            raise ValueError(f"{path}: bad PNG filter type {ftype} in row {y}")
+            raise DataError(f"{path}: bad PNG filter type {ftype} in row {y}")
         out[y] = cur
         prev = cur
     return out.view(">u2").reshape(height, width, channels).astype(np.uint16)
 
 
+@_typed_errors('PNG')
 def read_png16(path: str | os.PathLike) -> np.ndarray:
     """Reads a PNG as uint16 on the 16-bit scale (0..65535).
 
@@ -313,7 +358,7 @@ def read_png16(path: str | os.PathLike) -> np.ndarray:
     p = _existing_file(path)
     width, height, depth, colour = _png_header(p)
     if colour not in _PNG_CHANNELS:
-        raise ValueError(f"{p}: invalid PNG colour type {colour}")
+        raise DataError(f"{p}: invalid PNG colour type {colour}")
     if depth == 16 and _PNG_CHANNELS[colour] > 1:
         return _decode_png16_multichannel(p, width, height, colour)
     try:
@@ -321,14 +366,14 @@ def read_png16(path: str | os.PathLike) -> np.ndarray:
             im.load()
             arr = np.asarray(im)
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise ValueError(f"{p}: corrupt or truncated PNG: {err}") from err
+        raise DataError(f"{p}: corrupt or truncated PNG: {err}") from err
     if arr.dtype == np.uint8 or arr.dtype == bool:
         return arr.astype(np.uint16) * 257
     if arr.dtype.kind in "iu":
         if arr.min() < 0 or arr.max() > 65535:
-            raise ValueError(f"{p}: PNG values outside the 16-bit range")
+            raise DataError(f"{p}: PNG values outside the 16-bit range")
         return arr.astype(np.uint16)
-    raise ValueError(f"{p}: unsupported PNG pixel type {arr.dtype}")
+    raise DataError(f"{p}: unsupported PNG pixel type {arr.dtype}")
 
 
 # ITU-R BT.601 luma weights (MATLAB's rgb2gray, used by ISET's loadCAVEData); they sum to 1,
@@ -347,7 +392,7 @@ def collapse_channels(img: np.ndarray) -> np.ndarray:
     if img.ndim == 2:
         return img.astype(np.float64)
     if img.ndim != 3 or img.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(f"collapse_channels: expected (H, W) or (H, W, 1..4), got {img.shape}")
+        raise DataError(f"collapse_channels: expected (H, W) or (H, W, 1..4), got {img.shape}")
     k = img.shape[-1]
     if k in (1, 2):
         return img[..., 0].astype(np.float64)
@@ -355,6 +400,7 @@ def collapse_channels(img: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- RGB
+@_typed_errors('image')
 def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
     """Reads an 8-bit JPEG/PNG/BMP as uint8 (H, W, 3) in RGB order (alpha dropped, grey
     replicated, palettes expanded). Files written by OpenCV from BGR arrays are standard
@@ -366,10 +412,10 @@ def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
         with Image.open(p) as im:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                raise ValueError(f"{p}: expected an 8-bit RGB image, got mode {im.mode}")
+                raise DataError(f"{p}: expected an 8-bit RGB image, got mode {im.mode}")
             arr = np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise ValueError(f"{p}: corrupt or truncated image: {err}") from err
+        raise DataError(f"{p}: corrupt or truncated image: {err}") from err
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
@@ -397,6 +443,7 @@ def parse_wavelength_nm(name: str) -> float | None:
     return None
 
 
+@_typed_errors('EXR file')
 def read_exr(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Reads a multispectral OpenEXR file (OpenEXR 3.x Python API).
 
@@ -417,14 +464,14 @@ def read_exr(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str,
             window = [np.array(v, np.int64) for v in header["dataWindow"]]
             channels = {name: np.array(ch.pixels) for name, ch in f.channels().items()}
     except Exception as err:  # OpenEXR raises RuntimeError/ValueError/KeyError on bad input
-        raise ValueError(f"{p}: corrupt, truncated or non-EXR file: {err}") from err
+        raise DataError(f"{p}: corrupt, truncated or non-EXR file: {err}") from err
     (dx0, dy0), (dx1, dy1) = display
     (wx0, wy0), (wx1, wy1) = window
     height, width = int(dy1 - dy0 + 1), int(dx1 - dx0 + 1)
 
     def place(px: np.ndarray, name: str) -> np.ndarray:
         if px.shape != (wy1 - wy0 + 1, wx1 - wx0 + 1):
-            raise ValueError(f"{p}: channel {name!r} has shape {px.shape}, not the dataWindow")
+            raise DataError(f"{p}: channel {name!r} has shape {px.shape}, not the dataWindow")
         out = np.zeros((height, width), np.float32)
         y0, x0 = int(wy0 - dy0), int(wx0 - dx0)
         ys, xs = max(y0, 0), max(x0, 0)
@@ -441,16 +488,17 @@ def read_exr(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str,
         else:
             spectral.append((wl, name, px))
     if not spectral:
-        raise ValueError(f"{p}: no spectral channels (names with a wavelength) among {sorted(channels)}")
+        raise DataError(f"{p}: no spectral channels (names with a wavelength) among {sorted(channels)}")
     spectral.sort(key=lambda t: t[0])
     wls = np.array([w for w, _, _ in spectral], np.float32)
     if np.any(np.diff(wls) <= 0):
-        raise ValueError(f"{p}: duplicate wavelengths in channel names {[n for _, n, _ in spectral]}")
+        raise DataError(f"{p}: duplicate wavelengths in channel names {[n for _, n, _ in spectral]}")
     cube = np.stack([place(px, n) for _, n, px in spectral], axis=-1)
     return cube, wls, others
 
 
 # ----------------------------------------------------------------------------- GeoTIFF
+@_typed_errors('GeoTIFF')
 def read_geotiff_int16(path: str | os.PathLike) -> tuple[np.ndarray, int | None]:
     """Reads a multi-band int16 GeoTIFF (EnMAP L2A / HySpecNet-11k) with tifffile.
 
@@ -473,17 +521,17 @@ def read_geotiff_int16(path: str | os.PathLike) -> tuple[np.ndarray, int | None]
                 except ValueError:
                     nodata = None
     except Exception as err:  # tifffile/zlib/imagecodecs raise many types on bad input
-        raise ValueError(f"{p}: corrupt, truncated or non-TIFF file: {err}") from err
+        raise DataError(f"{p}: corrupt, truncated or non-TIFF file: {err}") from err
     if arr.dtype != np.int16:
-        raise ValueError(f"{p}: expected int16 data, got {arr.dtype}")
+        raise DataError(f"{p}: expected int16 data, got {arr.dtype}")
     if arr.ndim == 2:
         return arr[..., None], nodata
     if arr.ndim != 3:
-        raise ValueError(f"{p}: expected a 3-D band stack, got shape {arr.shape} (axes {axes})")
+        raise DataError(f"{p}: expected a 3-D band stack, got shape {arr.shape} (axes {axes})")
     if axes.endswith("YX"):  # band-interleaved: (C, H, W)
         arr = np.moveaxis(arr, 0, -1)
     elif not axes.startswith("YX"):
-        raise ValueError(f"{p}: unrecognised axis order {axes!r}")
+        raise DataError(f"{p}: unrecognised axis order {axes!r}")
     return np.ascontiguousarray(arr), nodata
 
 
@@ -494,6 +542,7 @@ _ENVI_DTYPES = {
 }
 
 
+@_typed_errors('ENVI header')
 def parse_envi_header(path: str | os.PathLike) -> dict[str, Any]:
     """Parses an ENVI ``.hdr`` file into ``{lower-case key: str | list[str]}``.
 
@@ -503,7 +552,7 @@ def parse_envi_header(path: str | os.PathLike) -> dict[str, Any]:
     text = p.read_text(errors="replace")
     lines = text.splitlines()
     if not lines or not lines[0].strip().upper().startswith("ENVI"):
-        raise ValueError(f"{p}: not an ENVI header (first line must be 'ENVI')")
+        raise DataError(f"{p}: not an ENVI header (first line must be 'ENVI')")
     out: dict[str, Any] = {}
     i = 1
     while i < len(lines):
@@ -518,7 +567,7 @@ def parse_envi_header(path: str | os.PathLike) -> dict[str, Any]:
                 val += " " + lines[i].strip()
                 i += 1
             if "}" not in val:
-                raise ValueError(f"{p}: unterminated '{{' in value of {key!r}")
+                raise DataError(f"{p}: unterminated '{{' in value of {key!r}")
             inner = val[1 : val.index("}")]
             out[key] = [v.strip() for v in inner.split(",") if v.strip()] if key != "description" else inner.strip()
         else:
@@ -547,12 +596,13 @@ def _envi_data_file(hdr: Path, header: dict[str, Any]) -> Path:
     for cand in (stem, *(stem.with_suffix(s) for s in (".dat", ".img", ".raw", ".bsq", ".bil", ".bip", ".DAT", ".IMG", ".RAW"))):
         if cand.is_file():
             return cand
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"ENVI data file for {hdr} not found (looked for {stem.name} with no extension or "
         f".dat/.img/.raw/.bsq/.bil/.bip)"
     )
 
 
+@_typed_errors('ENVI image')
 def read_envi(path: str | os.PathLike) -> EnviImage:
     """Opens an ENVI image from its ``.hdr`` (the raw file beside it is memory-mapped).
 
@@ -567,21 +617,21 @@ def read_envi(path: str | os.PathLike) -> EnviImage:
         width, height, bands = (int(header[k]) for k in ("samples", "lines", "bands"))
         dtype_code = int(header["data type"])
     except KeyError as err:
-        raise ValueError(f"{hdr}: ENVI header lacks required key {err.args[0]!r}") from err
+        raise DataError(f"{hdr}: ENVI header lacks required key {err.args[0]!r}") from err
     except ValueError as err:
-        raise ValueError(f"{hdr}: bad integer in ENVI header: {err}") from err
+        raise DataError(f"{hdr}: bad integer in ENVI header: {err}") from err
     if dtype_code not in _ENVI_DTYPES:
-        raise ValueError(f"{hdr}: unsupported ENVI data type {dtype_code}")
+        raise DataError(f"{hdr}: unsupported ENVI data type {dtype_code}")
     dtype = np.dtype(_ENVI_DTYPES[dtype_code]).newbyteorder(">" if header.get("byte order", "0").strip() == "1" else "<")
     interleave = str(header.get("interleave", "bsq")).lower()
     disk_shape = {"bsq": (bands, height, width), "bil": (height, bands, width), "bip": (height, width, bands)}
     if interleave not in disk_shape:
-        raise ValueError(f"{hdr}: unknown interleave {interleave!r}")
+        raise DataError(f"{hdr}: unknown interleave {interleave!r}")
     offset = int(header.get("header offset", 0))
     data_path = _envi_data_file(hdr, header)
     needed = offset + width * height * bands * dtype.itemsize
     if data_path.stat().st_size < needed:
-        raise ValueError(
+        raise DataError(
             f"{data_path}: truncated ENVI data file ({data_path.stat().st_size} bytes, header "
             f"{hdr.name} needs {needed})"
         )
@@ -593,9 +643,9 @@ def read_envi(path: str | os.PathLike) -> EnviImage:
         try:
             wl = np.array([float(v) for v in header["wavelength"]], np.float64)
         except ValueError as err:
-            raise ValueError(f"{hdr}: bad wavelength list: {err}") from err
+            raise DataError(f"{hdr}: bad wavelength list: {err}") from err
         if wl.shape != (bands,):
-            raise ValueError(f"{hdr}: {wl.size} wavelengths for {bands} bands")
+            raise DataError(f"{hdr}: {wl.size} wavelengths for {bands} bands")
         units = str(header.get("wavelength units", "")).lower()
         if units.startswith("micro") or units in ("um", "µm") or (not units.startswith("nano") and units not in ("nm",) and wl.max() < 10):
             wl = wl * 1000.0
@@ -628,7 +678,7 @@ def srf_on_bands(name: str, bands: np.ndarray) -> np.ndarray:
     order = np.argsort(bands, kind="stable")
     wl = bands[order]
     if np.any(np.diff(wl) <= 0):
-        raise ValueError(f"srf_on_bands: duplicate band centres in {bands}")
+        raise DataError(f"srf_on_bands: duplicate band centres in {bands}")
     s = np.asarray(get_srf(name, wl, normalize=None), np.float64)
     s[(wl < VISIBLE_RANGE_NM[0]) | (wl > VISIBLE_RANGE_NM[1])] = 0.0
     s = normalize_srf(s, "sum_g")
@@ -642,7 +692,7 @@ def render_rgb(hsi: np.ndarray, srf: np.ndarray) -> np.ndarray:
     build time; identical to :func:`jaxspec.physics.project`)."""
     hsi = np.asarray(hsi, np.float32)
     if hsi.shape[-1] != srf.shape[0]:
-        raise ValueError(f"render_rgb: hsi has {hsi.shape[-1]} bands, srf has {srf.shape[0]} rows")
+        raise DataError(f"render_rgb: hsi has {hsi.shape[-1]} bands, srf has {srf.shape[0]} rows")
     return np.tensordot(hsi, np.asarray(srf, np.float32), axes=([-1], [0])).astype(np.float32)
 
 
@@ -679,7 +729,7 @@ def manual_root(dl_manager, dataset: str, expected: str) -> Path:
         return Path(os.fspath(dl_manager.manual_dir))
     except AssertionError as err:
         where = getattr(dl_manager, "_manual_dir", None)
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{dataset}: manual_dir {where} does not exist or is empty. Expected layout:\n"
             f"{expected}\n(see docs/datasets.md; pass it with --manual-dir)"
         ) from err
@@ -700,7 +750,7 @@ def find_dir(root: Path, candidates: Sequence[str], *, depth: int = 2) -> Path |
 def missing_layout_error(dataset: str, root: Path, expected: str, first_missing: str) -> FileNotFoundError:
     """A ``FileNotFoundError`` naming the manual_dir, the expected layout and the first thing
     not found."""
-    return FileNotFoundError(
+    return DataNotFoundError(
         f"{dataset}: {first_missing} not found under manual_dir {root}. Expected layout:\n{expected}"
     )
 
@@ -710,7 +760,7 @@ def proportional_count(n_available: int, n_part: int, n_total: int) -> int:
     split defined on a full dataset of ``n_total`` items, applied to the ``n_available`` present
     (e.g. CAVE's 20-of-32 training scenes -> 4 of 6)."""
     if n_available < 2:
-        raise ValueError(f"need at least 2 items to split, found {n_available}")
+        raise DataError(f"need at least 2 items to split, found {n_available}")
     k = int(np.floor(n_available * n_part / n_total + 0.5))
     return min(max(k, 1), n_available - 1)
 
@@ -719,10 +769,10 @@ def check_cube(cube: np.ndarray, path: Path | str, n_bands: int | None = None) -
     """float32 (H, W, C) cube, finite; ``ValueError`` naming ``path`` otherwise."""
     cube = np.asarray(cube)
     if cube.ndim != 3:
-        raise ValueError(f"{path}: expected a (H, W, C) cube, got shape {cube.shape}")
+        raise DataError(f"{path}: expected a (H, W, C) cube, got shape {cube.shape}")
     if n_bands is not None and cube.shape[-1] != n_bands:
-        raise ValueError(f"{path}: expected {n_bands} bands, got shape {cube.shape}")
+        raise DataError(f"{path}: expected {n_bands} bands, got shape {cube.shape}")
     cube = cube.astype(np.float32, copy=False)
     if not np.all(np.isfinite(cube)):
-        raise ValueError(f"{path}: cube contains NaN or inf")
+        raise DataError(f"{path}: cube contains NaN or inf")
     return np.ascontiguousarray(cube)
