@@ -109,6 +109,7 @@ def load(workdir: str | os.PathLike, which: str = "best", step: int | None = Non
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
                           dict(shapes))
     with checkpointing.Checkpointer(Path(workdir) / "checkpoints", read_only=True) as ck:
+        ck.reconcile()    # CheckpointError when best/ and latest/ belong to different runs
         variables, _ = ck.restore_variables(target, which=which, step=step)
     return model, {k: v for k, v in variables.items() if k == "params" or v}
 

@@ -65,16 +65,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv=None) -> int:
+    """``train.py``'s entry point: :func:`_main` under :func:`jaxspec.errors.run_cli` (user
+    errors: one line on stderr and the documented exit code, see docs/reliability.md)."""
+    from jaxspec.errors import run_cli
+    return run_cli(_main, argv, prog="train.py")
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # orbax/tfds log every checkpoint write at INFO through absl: keep their warnings only
     for name in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0

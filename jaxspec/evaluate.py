@@ -84,6 +84,11 @@ def evaluate_workdir(workdir: str | os.PathLike, *, dataset: str | None = None,
 
 
 def main(argv=None) -> int:
+    from jaxspec.errors import run_cli
+    return run_cli(_main, argv, prog="jaxspec.evaluate")
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxspec.evaluate", description=__doc__)
     p.add_argument("--workdir", required=True)
     p.add_argument("--dataset", default=None, help="default: the run's dataset")
@@ -103,15 +108,19 @@ def main(argv=None) -> int:
     p.add_argument("--adapt-steps", type=int, default=None, help="default: config.adapt_steps")
     p.add_argument("--adapt-lr", type=float, default=None, help="default: config.adapt_lr")
     a = p.parse_args(argv)
-    try:
-        res = evaluate_workdir(a.workdir, dataset=a.dataset, split=a.split, data_dir=a.data_dir,
-                               manual_dir=a.manual_dir, ensemble=a.ensemble, tile=a.tile,
-                               overlap=a.overlap, crop_border=a.crop_border, which=a.which,
-                               max_images=a.max_images, out=a.out, figures=a.figures,
-                               adapt=a.adapt, adapt_steps=a.adapt_steps, adapt_lr=a.adapt_lr)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from jaxspec.errors import UsageError
+    from jaxspec.train.workdir import check_output_writable
+    if a.tile is not None and a.tile < 1:
+        raise UsageError(f"--tile must be a positive number of pixels, got {a.tile}")
+    if a.overlap is not None and (a.overlap < 0 or (a.tile and a.overlap >= a.tile)):
+        raise UsageError(f"--overlap must be in [0, --tile), got {a.overlap}")
+    check_output_writable(Path(a.out).absolute().parent if a.out else a.workdir,
+                          what="evaluation output directory")
+    res = evaluate_workdir(a.workdir, dataset=a.dataset, split=a.split, data_dir=a.data_dir,
+                           manual_dir=a.manual_dir, ensemble=a.ensemble, tile=a.tile,
+                           overlap=a.overlap, crop_border=a.crop_border, which=a.which,
+                           max_images=a.max_images, out=a.out, figures=a.figures,
+                           adapt=a.adapt, adapt_steps=a.adapt_steps, adapt_lr=a.adapt_lr)
     print(json.dumps({"images": res["num_images"], "mean": res["mean"], "path": res["path"]},
                      indent=2))
     return 0

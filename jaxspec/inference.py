@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec.errors import UsageError
+
 PredictFn = Callable[[Any], Any]
 
 
@@ -212,9 +214,9 @@ def _predict_tiled(fn, inp: _Inputs, tile: int, overlap: int, stride: int) -> np
     unit = stride * of
     if tile % unit:
         what = "the model stride" if of == 1 else f"scale x stride = {of} x {stride}"
-        raise ValueError(f"tile={tile} must be a multiple of {what} ({unit})")
+        raise UsageError(f"--tile {tile} must be a multiple of {what} ({unit})")
     if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile={tile}), got {overlap}")
+        raise UsageError(f"--overlap must be in [0, tile={tile}), got {overlap}")
     if overlap % of:
         raise ValueError(f"overlap={overlap} must be a multiple of the scale {of}")
     tb, ob = tile // of, overlap // of                       # in base pixels

@@ -4,9 +4,16 @@
 [0, 1]) and uses the run's SRF/PSF when the method reads them; an hsi2hsi run takes cubes.
 ``--adapt`` runs the method's per-image test-time adaptation before predicting.
 
-Inputs: PNG / JPEG / TIFF of any size (8-bit, 16-bit or float; 16-bit values are rescaled to
-0..255 so every normalisation sees the 8-bit scale; alpha channels are dropped; grey images are
-rejected). Outputs per image, with the band centres (nm):
+Inputs: PNG / JPEG / TIFF / EXR of any size, read by :func:`jaxspec.data.photos.read_photo`:
+8-bit and 16-bit at full depth (divided by the format's full-scale code), float TIFF in [0, 1]
+(or by ``--float-scale``), alpha dropped, grey images rejected unless ``--grey replicate``.
+The photo is then converted to what the run's model was trained on (``<workdir>/input.json``:
+linear RGB for the built-in data, the dataset's native scale) with ``--input-encoding
+srgb|linear`` (default: sRGB for 8/16-bit photos, linear for EXR) and normalised with the
+run's ``rgb_norm`` as the loader did. Output stems are made unique when two inputs share one
+(``a.png a.jpg`` -> ``a_png``, ``a_jpg``); the output directory is checked writable and
+``--tile`` validated before anything runs. Cubes are clipped non-negative. Outputs per image,
+with the band centres (nm):
 
 * ``npy``: ``<stem>.npy`` (H, W, C) float32 + ``<stem>.json`` sidecar (bands, shape, model);
 * ``mat``: ``<stem>.mat`` with ``cube`` (H, W, C) and ``bands`` (scipy.io.savemat, v5);
@@ -104,10 +111,11 @@ def write_cube(cube: np.ndarray, bands: np.ndarray, out_stem: Path, fmt: str,
     info = dict(info or {})
     bands = [float(b) for b in bands]
     if fmt == "npy":
+        from jaxspec.fs import write_json_atomic
         np.save(out_stem.with_suffix(".npy"), cube.astype(np.float32))
-        out_stem.with_suffix(".json").write_text(json.dumps(
-            {"bands": bands, "units": "nm", "shape": list(cube.shape), "layout": "HWC", **info},
-            indent=2))
+        write_json_atomic(out_stem.with_suffix(".json"),
+                          {"bands": bands, "units": "nm", "shape": list(cube.shape),
+                           "layout": "HWC", **info})
         return out_stem.with_suffix(".npy")
     if fmt == "mat":
         import scipy.io
@@ -125,7 +133,32 @@ def write_cube(cube: np.ndarray, bands: np.ndarray, out_stem: Path, fmt: str,
     raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}")
 
 
-def main(argv=None) -> int:
+def model_input_spec(workdir) -> dict:
+    """The run's ``input.json`` (encoding, native scale); runs without one: linear RGB at the
+    1.0 scale (the built-in data)."""
+    p = Path(workdir) / "input.json"
+    if p.is_file():
+        return json.loads(p.read_text())
+    return {"encoding": "linear", "native_scale": 1.0}
+
+
+def read_model_rgb(path, spec: dict, *, grey: str = "reject", input_encoding: str | None = None
+                   ) -> tuple[np.ndarray, dict]:
+    """(H, W, 3) float32 photo in the model's input encoding and native scale (before the
+    ``rgb_norm`` that :func:`jaxspec.api.reconstruct` applies) and a record of the conversion."""
+    from jaxspec.data.photos import read_photo, to_model_encoding
+    rgb, info = read_photo(path, grey=grey)
+    x = to_model_encoding(np.asarray(rgb, np.float32) / np.float32(info.max_code), info,
+                          encoding=input_encoding, expects=spec.get("encoding", "linear"),
+                          native_scale=float(spec.get("native_scale", 1.0)))
+    rec = {"photo": info.to_dict(), "input_encoding": input_encoding or info.transfer or "srgb",
+           "model_expects": spec.get("encoding", "linear"),
+           "native_scale": float(spec.get("native_scale", 1.0)),
+           "model_input_mean": [float(v) for v in x.reshape(-1, 3).mean(0)]}
+    return x, rec
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxspec.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="training workdir (best checkpoint used)")
@@ -140,43 +173,59 @@ def main(argv=None) -> int:
                    help="per-image test-time adaptation (the method's adapt_loss)")
     p.add_argument("--adapt-steps", type=int, default=None, help="default: config.adapt_steps")
     p.add_argument("--adapt-lr", type=float, default=None, help="default: config.adapt_lr")
+    p.add_argument("--grey", choices=("reject", "replicate"), default="reject",
+                   help="grey photos: refuse (default) or replicate to RGB")
+    p.add_argument("--input-encoding", choices=("srgb", "linear"), default=None,
+                   help="how the photos are encoded (default: srgb; EXR: linear)")
     a = p.parse_args(argv)
+    from jaxspec.errors import UsageError
+    from jaxspec.data.photos import unique_output_stems
+    from jaxspec.train.workdir import check_output_writable
+    if a.tile is not None and a.tile < 1:
+        raise UsageError(f"--tile must be a positive number of pixels, got {a.tile}")
+    if a.overlap < 0 or (a.tile is not None and a.overlap >= a.tile):
+        raise UsageError(f"--overlap must be in [0, --tile), got {a.overlap}")
+    out = check_output_writable(a.out, what="--out directory")
     from jaxspec import api
     adapt = False
     if a.adapt:
         adapt = {k: v for k, v in (("steps", a.adapt_steps), ("lr", a.adapt_lr)) if v is not None}
         adapt = adapt or True
-    try:
-        model, variables = api.load(a.workdir, which=a.which)
+    model, variables = api.load(a.workdir, which=a.which)
+    recs = {}
+    if model.task.name == "fusion":
+        if len(a.images) % 2:
+            raise UsageError("a fusion method takes pairs of files: LR_HSI HR_MSI ...")
+        images = [(Path(a.images[i]), (read_cube(a.images[i]), read_cube(a.images[i + 1])))
+                  for i in range(0, len(a.images), 2)]
+    elif model.task.name == "hsi2hsi":
+        images = [(Path(f), read_cube(f)) for f in a.images]
+    else:
+        spec = model_input_spec(a.workdir)
+        images = []
+        for f in a.images:
+            x, recs[f] = read_model_rgb(f, spec, grey=a.grey, input_encoding=a.input_encoding)
+            images.append((Path(f), x))
+    stems = unique_output_stems([p for p, _ in images])
+    for (path, x), stem in zip(images, stems):
         if model.task.name == "fusion":
-            if len(a.images) % 2:
-                raise ValueError("a fusion method takes pairs of files: LR_HSI HR_MSI ...")
-            images = [(Path(a.images[i]), (read_cube(a.images[i]), read_cube(a.images[i + 1])))
-                      for i in range(0, len(a.images), 2)]
-        elif model.task.name == "hsi2hsi":
-            images = [(Path(f), read_cube(f)) for f in a.images]
+            cube = _fuse(model, variables, a.workdir, *x, tile=a.tile, adapt=adapt)
         else:
-            images = [(Path(f), read_image(f)) for f in a.images]
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for path, x in images:
-        try:
-            if model.task.name == "fusion":
-                cube = _fuse(model, variables, a.workdir, *x, tile=a.tile, adapt=adapt)
-            else:
-                cube = api.reconstruct(model, variables, x, ensemble=a.ensemble, tile=a.tile,
-                                       overlap=a.overlap, adapt=adapt)
-        except ValueError as e:
-            print(f"error: {path}: {e}", file=sys.stderr)
-            return 2
+            cube = api.reconstruct(model, variables, x, ensemble=a.ensemble, tile=a.tile,
+                                   overlap=a.overlap, adapt=adapt)
+        cube = np.maximum(np.asarray(cube, np.float32), 0.0)   # radiance/reflectance >= 0
         bands = api.bands_of(model, cube.shape[-1], a.workdir)
-        written = write_cube(cube, bands, out / path.stem, a.format,
-                             {"method": model.name, "source": str(path)})
+        info = {"method": model.name, "source": str(path)}
+        if str(path) in recs:
+            info["input"] = recs[str(path)]
+        written = write_cube(cube, bands, out / stem, a.format, info)
         print(f"{path} -> {written} {cube.shape}")
     return 0
+
+
+def main(argv=None) -> int:
+    from jaxspec.errors import run_cli
+    return run_cli(_main, argv, prog="jaxspec.predict")
 
 
 if __name__ == "__main__":

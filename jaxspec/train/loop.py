@@ -44,7 +44,10 @@ import optax
 
 from jaxspec import registry, tasks as tasks_lib
 from jaxspec.configs.base import Config
+from jaxspec.errors import DivergenceError, UsageError
+from jaxspec.fs import write_json_atomic
 from jaxspec.train import checkpointing, sharding, steps as steps_lib
+from jaxspec.train.workdir import WorkdirLock, check_output_writable, check_resume_compatible
 from jaxspec.train.state import TrainState, create_train_state, param_count, variables_of
 
 log = logging.getLogger("jaxspec.train")
@@ -206,15 +209,15 @@ class Run:
 
     def meta_base(self) -> dict:
         return {"method": self.config.method, "preset": self.config.preset,
-                "dataset": dataset_name(self.config)}
+                "dataset": dataset_name(self.config), "run_id": getattr(self, "run_id", None)}
 
 
 def prepare(config: Config, workdir, *, train_source=None, eval_source=None, devices=None,
             need_train: bool = True) -> Run:
-    """Validate the config, load the data, resolve the config against it, build the model,
-    mesh and checkpointer; write ``config.json`` / ``bands.json`` (process 0)."""
+    """Validate the config, check the workdir is writable, load the data, resolve the config
+    against it, build the model and mesh. Nothing is written to the workdir here (see
+    :func:`write_run_files`, called under the workdir lock after :func:`check_workdir`)."""
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     task, method = _task_and_method(config)
     trains = method.step_kind != steps_lib.NO_TRAINING and need_train
     if trains:
@@ -233,6 +236,14 @@ def prepare(config: Config, workdir, *, train_source=None, eval_source=None, dev
         raise ValueError(f"select_metric={select!r} is not a metric of the {task.name!r} task "
                          f"({list(task.metric_names)})")
     tasks_lib.metric_mode(select)
+    if trains:   # optimizer, schedule and loss names, warm-up < steps: before any data work
+        from jaxspec.train import losses as losses_lib, optim
+        optim.make_schedule(config)
+        steps_lib.make_optimizer_for(config, method)
+        if isinstance(config.loss, str):
+            losses_lib.get_loss(config.loss)
+    if _is_main():
+        check_output_writable(workdir, what="workdir")
 
     # data
     missing = []
@@ -252,10 +263,6 @@ def prepare(config: Config, workdir, *, train_source=None, eval_source=None, dev
     config = tasks_lib.resolve_config(config, method, n_bands,
                                       where=f"dataset {dataset_name(config)!r}")
     main = _is_main()
-    if main:
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        if bands is not None:
-            (workdir / "bands.json").write_text(json.dumps([float(b) for b in bands]))
     model = method.model(config)
     mesh = sharding.make_mesh(devices)
     return Run(config=config, method=method, task=task, model=model, workdir=workdir,
@@ -265,7 +272,56 @@ def prepare(config: Config, workdir, *, train_source=None, eval_source=None, dev
                select_mode=tasks_lib.metric_mode(select),
                side_inputs=tuple(method.side_inputs), scale=task.scale(config),
                crop_border=protocol_crop_border(config),
-               predict=None)
+               predict=None, n_bands=n_bands, bands=bands, run_id=None)
+
+
+def check_workdir(run: Run, resume: bool = True) -> dict:
+    """Before anything is written: a workdir holding checkpoints is resumed only with
+    ``resume`` and a compatible config (:func:`check_resume_compatible` against its
+    ``config.json`` and ``bands.json``). Returns the allowed differences (logged)."""
+    if not (run.trains and checkpointing.has_checkpoint(run.workdir)):
+        return {}
+    if not resume:
+        raise UsageError(f"{run.workdir} already holds checkpoints; pass --resume or choose "
+                         f"another --workdir")
+    cfg_path = run.workdir / "config.json"
+    if not cfg_path.is_file():
+        return {}
+    old = json.loads(cfg_path.read_text())
+    bands_path = run.workdir / "bands.json"
+    old_n = len(json.loads(bands_path.read_text())) if bands_path.is_file() else None
+    allowed = check_resume_compatible(old, run.config.to_dict(), old_n_bands=old_n,
+                                      new_n_bands=run.n_bands, workdir=run.workdir)
+    for k, (o, n) in allowed.items():
+        log.info("resume with %s: %r -> %r", k, o, n)
+    return allowed
+
+
+def input_record(run: Run) -> dict:
+    """What the model's RGB input is (``input.json``): the encoding of the training RGB
+    (``linear`` for the rendered/measured cubes' RGB, else the builder's ``RGB_ENCODING``,
+    default ``srgb``) and its native scale (the code of full white the loader saw: 1 for
+    float sources, 255 for 8-bit ones), so predict converts a photo the same way."""
+    from jaxspec import data as data_lib
+    enc, scale = "linear", 1.0
+    try:
+        module = data_lib.load_builder_module(run.config.dataset)
+        enc = str(getattr(module.Builder, "RGB_ENCODING", enc))
+        scale = float(getattr(module.Builder, "RGB_SCALE", scale))
+    except (ValueError, FileNotFoundError, ImportError, AttributeError):
+        pass
+    return {"encoding": enc, "native_scale": scale, "rgb_norm": run.config.rgb_norm}
+
+
+def write_run_files(run: Run) -> None:
+    """``config.json``, ``bands.json`` and ``input.json`` (atomically; process 0)."""
+    if not run.main:
+        return
+    write_json_atomic(run.workdir / "config.json", run.config.to_dict())
+    if run.bands is not None:
+        write_json_atomic(run.workdir / "bands.json", [float(b) for b in run.bands], indent=None)
+    if run.task.name == "rgb2hsi":
+        write_json_atomic(run.workdir / "input.json", input_record(run))
 
 
 def init_state(run: Run) -> TrainState:
@@ -363,7 +419,7 @@ def restore(run: Run, state: TrainState, ckpt, resume: bool = True) -> tuple[Tra
         ckpt.close()
         raise ValueError(f"{run.workdir} already holds checkpoints (latest step {step}); pass "
                          f"--resume or choose another --workdir")
-    tree, meta = ckpt.restore(state.to_pytree())
+    tree, meta = ckpt.restore(state.to_pytree())   # falls back past a corrupt latest step
     start = int(meta["data_step"])
     log.info("resumed from step %d in %s", start, run.workdir)
     return state.from_pytree(tree), start
@@ -455,26 +511,32 @@ def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
                       out_shardings=(run.rep, run.rep))
     window: list[dict] = []
     last_rec: dict = {}
+    last_m: dict = {}
     pending: list[tuple[int, dict]] = []
     pbar = logger.pbar
+    mon = checkpointing.HealthMonitor(checkpointing.param_norm(state.params), factor=10.0,
+                                      step=start or None, directory=run.workdir / "checkpoints")
+
+    def stop_diverged(err: DivergenceError):
+        ckpt.wait()       # the previous healthy (async) save must finish
+        ckpt.close()
+        logger.close()
+        raise err
 
     def drain():
-        """Fetch pending step diagnostics; stop on non-finite values."""
+        """Fetch pending step diagnostics; stop on non-finite loss, grad norm or params."""
         while pending:
             s, m = pending.pop(0)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
-            if not (_finite(m["loss"]) and _finite(m["grad_norm"])):
-                ckpt.wait()
-                good = ckpt.latest_step()
-                ckpt.close()
-                logger.close()
-                raise FloatingPointError(
-                    f"non-finite training loss at step {s} (loss={m['loss']}, "
-                    f"grad_norm={m['grad_norm']}); stopped. The last good checkpoint is step "
-                    f"{good} in {run.workdir / 'checkpoints'} (resume with --resume). Consider "
-                    f"a lower lr (--set lr=...), warm-up (--set warmup_steps=...) or clipping "
-                    f"(--set grad_clip=1.0).")
+            if not all(_finite(m[k]) for k in ("loss", "grad_norm", "param_norm") if k in m):
+                try:   # names the step, the non-finite value and the last healthy checkpoint
+                    mon.check(s, m.get("param_norm", 0.0), loss=m["loss"],
+                              grad_norm=m["grad_norm"])
+                except DivergenceError as err:
+                    stop_diverged(err)
             m["step"] = s
+            last_m.clear()
+            last_m.update(m)
             window.append(m)
 
     preempted = False
@@ -510,8 +572,16 @@ def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
                 window.clear()
                 t_window = time.perf_counter()
             if boundary_ckpt:
+                pn = last_m.get("param_norm")
+                if pn is None:
+                    pn = checkpointing.param_norm(state.params)
+                try:   # finite and not exploding relative to the last healthy checkpoint
+                    mon.check(step, pn, loss=last_m.get("loss"), grad_norm=last_m.get("grad_norm"))
+                except DivergenceError as err:
+                    stop_diverged(err)
                 ckpt.save(step, state.to_pytree(), {**run.meta_base(), "data_step": step,
-                                                    "config": cfg.to_dict()})
+                                                    "config": cfg.to_dict(), "param_norm": pn})
+                mon.saved(step, pn)
             if boundary_eval:
                 periodic(run, state, step, ckpt, logger)
                 t_window = time.perf_counter()
@@ -547,7 +617,8 @@ def final(run: Run, state: TrainState, step: int, ckpt, logger: _Logger, *,
                                dataset=dataset_name(cfg), split=cfg.eval_split, step=best,
                                checkpoint="best" if ckpt is not None else "none",
                                params=param_count(state.params), task=run.task.name,
-                               select_metric=run.select, adapt=res.get("adapt"))
+                               select_metric=run.select, adapt=res.get("adapt"),
+                               run_id=run.run_id)
         if figures and res["examples"]:
             report.save_figures(run.workdir / "figures", res["examples"])
         if logger.tb is not None:
@@ -569,6 +640,15 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
     """
     run = prepare(config, workdir, train_source=train_source, eval_source=eval_source,
                   devices=devices)
+    with WorkdirLock(run.workdir, enabled=run.main):
+        check_workdir(run, resume)
+        write_run_files(run)
+        return _train_locked(run, resume=resume, tensorboard=tensorboard, progress=progress,
+                             final_eval=final_eval, figures=figures, handle_sigint=handle_sigint)
+
+
+def _train_locked(run: Run, *, resume, tensorboard, progress, final_eval, figures,
+                  handle_sigint) -> dict:
     state = init_state(run)
     summary: dict[str, Any] = {"params": param_count(state.params)}
     if not run.trains:   # parameter-free: evaluate only
@@ -579,6 +659,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
         logger.close()
         return summary
     ckpt = make_checkpointer(run)
+    run.run_id = ckpt.run_id() or checkpointing.new_run_id()
+    ckpt.reconcile(run.run_id)    # best/ of another (crashed, older) run is set aside
     state, start = restore(run, state, ckpt, resume)
     progress = run.main if progress is None else (progress and run.main)
     logger = _Logger(run, tensorboard, progress, start)

@@ -10,6 +10,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from jaxspec.errors import UsageError
+
 LossFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
@@ -70,11 +72,11 @@ def get_loss(name: str) -> LossFn:
         w, _, n = term.strip().rpartition("*")
         n = n.strip()
         if n not in LOSSES:
-            raise ValueError(f"unknown loss {n!r} in {name!r}; available: {sorted(LOSSES)}")
+            raise UsageError(f"unknown config.loss {n!r} in {name!r}; available: {sorted(LOSSES)}")
         try:
             weight = float(w) if w else 1.0
         except ValueError as e:
-            raise ValueError(f"bad loss weight {w!r} in {name!r}") from e
+            raise UsageError(f"bad config.loss weight {w!r} in {name!r}") from e
         terms.append((weight, LOSSES[n]))
 
     def combined(pred, gt):

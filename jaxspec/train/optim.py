@@ -24,16 +24,18 @@ import jax
 import optax
 
 from jaxspec.configs.base import Config
+from jaxspec.errors import UsageError
 
 FROZEN = None  # value of ``groups[label]`` for a frozen parameter group
 
 
 def make_schedule(config: Config) -> optax.Schedule:
     if config.steps < 1:
-        raise ValueError(f"config.steps must be >= 1, got {config.steps}")
+        raise UsageError(f"config.steps must be >= 1, got {config.steps}")
     if not 0 <= config.warmup_steps < config.steps:
-        raise ValueError(
-            f"config.warmup_steps must be in [0, steps={config.steps}), got {config.warmup_steps}")
+        raise UsageError(
+            f"config.warmup_steps must be in [0, steps={config.steps}), got {config.warmup_steps} "
+            f"(set --set warmup_steps=N with N < steps, or more --steps)")
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0 if config.warmup_steps else config.lr, peak_value=config.lr,
@@ -44,7 +46,7 @@ def make_schedule(config: Config) -> optax.Schedule:
                 [optax.linear_schedule(0.0, config.lr, config.warmup_steps),
                  optax.constant_schedule(config.lr)], [config.warmup_steps])
         return optax.constant_schedule(config.lr)
-    raise ValueError(f"unknown config.schedule {config.schedule!r}; use 'cosine' or 'constant'")
+    raise UsageError(f"unknown config.schedule {config.schedule!r}; use 'cosine' or 'constant'")
 
 
 def _base_optimizer(config: Config) -> optax.GradientTransformation:
@@ -58,7 +60,7 @@ def _base_optimizer(config: Config) -> optax.GradientTransformation:
     elif config.optimizer == "sgd":
         opt = optax.sgd(schedule, momentum=config.b1 or None)
     else:
-        raise ValueError(f"unknown config.optimizer {config.optimizer!r}; use adam, adamw or sgd")
+        raise UsageError(f"unknown config.optimizer {config.optimizer!r}; use adam, adamw or sgd")
     if config.grad_clip is not None:
         if config.grad_clip <= 0:
             raise ValueError(f"config.grad_clip must be positive or None, got {config.grad_clip}")
