@@ -16,8 +16,18 @@ For every HR cube (the six CAVE scenes in ``../shared/data/cave`` when present, 
 
     python bench/fusion.py                          # full table (CPU: ~15 min)
     python bench/fusion.py --scales 8 --max-images 2 --methods bicubic,gsa
+    python bench/fusion.py --engine                 # through the fusion task (see below)
 
-Results go to ``bench/fusion_results.json`` (``--out``).
+``--engine`` measures the registered methods (``jaxspec.models.fusion_classical``) the way
+learned fusion methods are measured: ``jaxspec.train.train_and_evaluate`` (``step_kind="none"``:
+evaluation only) on the same cubes, with the pairs synthesised by the fusion task
+(``jaxspec.data.fusion``: ``config.fusion = {scale, psf="daem", daem_index=5, srf, protocol}``,
+its min-max normalisation, DAEM kernels of size s with U(-0.2, 0.2) pixel noise, padded to
+the odd size s+1 and applied as reflect blur + phase-0 decimation) and scored by the task's
+metrics; the table reads ``eval.json``.
+
+Results go to ``bench/fusion_results.json`` (``--out``; ``--engine``:
+``bench/fusion_results_engine.json``).
 """
 from __future__ import annotations
 
@@ -49,7 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--srf", default="daem_nikon")
     p.add_argument("--cnmf-iters", type=int, default=200)
     p.add_argument("--cnmf-endmembers", type=int, default=30)
-    p.add_argument("--out", default=str(Path(__file__).with_name("fusion_results.json")))
+    p.add_argument("--engine", action="store_true",
+                   help="evaluate the registered methods through the fusion task")
+    p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
 
@@ -69,16 +81,17 @@ def minmax(x: np.ndarray) -> np.ndarray:
     return ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
 
 
-def cave_cubes(root: Path, limit=None):
+def cave_cubes(root: Path, limit=None, raw=False):
     from jaxspec.data import load_builder_module
 
     cave = load_builder_module("cave")
     scenes = sorted(cave.find_scenes(root).items())[:limit]
     for name, folder in scenes:
-        yield name, minmax(cave.load_scene(folder, name))
+        cube = cave.load_scene(folder, name)
+        yield name, (cube if raw else minmax(cube))
 
 
-def scenes_cubes(limit=None):
+def scenes_cubes(limit=None, raw=False):
     from jaxspec import data
 
     src = data.data_source("spectral_scenes", "validation")
@@ -86,7 +99,48 @@ def scenes_cubes(limit=None):
     for i in range(n):
         ex = src[i]
         yield ex["name"].decode() if isinstance(ex["name"], bytes) else str(ex["name"]), \
-            minmax(ex["hsi"])
+            (ex["hsi"] if raw else minmax(ex["hsi"]))
+
+
+def evaluate_engine(cubes, scales, methods, protocols, srf_name, args):
+    """The same table through ``train_and_evaluate`` of the registered methods."""
+    import tempfile
+
+    from jaxspec import registry
+    from jaxspec.train import train_and_evaluate
+
+    cubes = list(cubes)
+    bands = physics.WAVELENGTHS_31
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in scales:
+            src = [{"hsi": np.asarray(z[:(z.shape[0] // s) * s, :(z.shape[1] // s) * s],
+                                      np.float32), "bands": bands, "name": name}
+                   for name, z in cubes]
+            for prot in protocols:
+                fusion = dict(scale=s, psf="daem", daem_index=5, srf=srf_name,
+                              protocol="consistent" if prot == "consistent" else "imagewise",
+                              normalize="minmax")
+                for m in methods:
+                    model = {"iters": args.cnmf_iters,
+                             "n_endmembers": args.cnmf_endmembers} if m == "cnmf" else {}
+                    cfg = registry.get(m).config("cpu", max_eval_images=None, eval_tile=None,
+                                                 eval_crop_border=0, fusion=fusion)
+                    cfg = cfg.replace(model={**dict(cfg.model), **model})
+                    wd = Path(tmp) / f"{m}_x{s}_{prot}"
+                    t = time.perf_counter()
+                    train_and_evaluate(cfg, str(wd), train_source=src, eval_source=src,
+                                       figures=0, progress=False)
+                    dt = (time.perf_counter() - t) / len(src)
+                    ev = json.loads((wd / "eval.json").read_text())
+                    per = ev["per_image"]
+                    r = {k: [float(per[n][k]) for n in per] for k in METRICS}
+                    r["names"] = list(per)
+                    r["seconds"] = [dt]
+                    res[(s, prot, m)] = r
+                    print(f"  x{s} {prot} {m}: psnr {np.mean(r['psnr']):.2f}", file=sys.stderr,
+                          flush=True)
+    return res
 
 
 def run_method(method, lr, msi, s, srf, psf, args):
@@ -163,18 +217,24 @@ def main(argv=None) -> dict:
             if not root.is_dir():
                 print(f"CAVE scenes not found at {root}: skipped (pass --cave-dir)")
                 continue
-            cubes, title = cave_cubes(root, args.max_images), f"CAVE ({root})"
+            cubes, title = cave_cubes(root, args.max_images, args.engine), f"CAVE ({root})"
         elif ds == "spectral_scenes":
-            cubes, title = scenes_cubes(args.max_images), "spectral_scenes validation"
+            cubes, title = (scenes_cubes(args.max_images, args.engine),
+                            "spectral_scenes validation")
         else:
             raise SystemExit(f"unknown dataset {ds!r}: cave or spectral_scenes")
-        res = evaluate(cubes, scales, methods, protocols, srf, args)
+        if args.engine:
+            res = evaluate_engine(cubes, scales, methods, protocols, args.srf, args)
+            title += ", fusion task (train_and_evaluate)"
+        else:
+            res = evaluate(cubes, scales, methods, protocols, srf, args)
         n = len(next(iter(res.values()))["names"]) if res else 0
         print(table(f"{title}, {n} images, SRF {args.srf}, known PSF/SRF", res), flush=True)
         print()
         out["results"][ds] = {f"x{s}/{p}/{m}": r for (s, p, m), r in res.items()}
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+    dest = args.out or str(Path(__file__).with_name(
+        "fusion_results_engine.json" if args.engine else "fusion_results.json"))
+    Path(dest).write_text(json.dumps(out, indent=1))
     return out
 
 

@@ -208,7 +208,7 @@ def _centred(x):
     return x - jnp.mean(x, axis=(0, 1), keepdims=True)
 
 
-def _lstsq(a, b, ridge: float = 1e-7):
+def _lstsq(a, b, ridge: float = 1e-6):
     """Least squares ``argmin |a x - b|^2 + ridge tr(a^T a)/n |x|^2`` by the normal equations
     (a tiny relative ridge: all-zero columns get weight 0, rank-deficient designs the
     near-minimum-norm solution)."""

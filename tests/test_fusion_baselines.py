@@ -142,3 +142,22 @@ def test_jit_and_errors(scene):
         F.gsa(lr, msi, S, degradation="valid")
     with pytest.raises(ValueError, match="iters"):
         F.cnmf(lr, msi, S, srf, iters=0)
+
+
+def test_registered_methods_end_to_end(tmp_path):
+    """bicubic and cnmf (smoke presets) through the engine: no training, eval.json written from
+    pairs the fusion task synthesises; CNMF beats bicubic."""
+    import json
+
+    from jaxspec import registry
+    from jaxspec.train import train_and_evaluate
+
+    psnr = {}
+    for name in ("bicubic", "cnmf"):
+        m = registry.get(name)
+        assert m.task == "fusion" and m.step_kind == "none"
+        train_and_evaluate(m.config("smoke", max_eval_images=1), str(tmp_path / name))
+        ev = json.loads((tmp_path / name / "eval.json").read_text())
+        assert not (tmp_path / name / "checkpoints").exists()
+        psnr[name] = ev["mean"]["psnr"]
+    assert psnr["cnmf"] > psnr["bicubic"] + 5, psnr
