@@ -101,29 +101,28 @@ def gmm_srf(p: Array, n_bands: int, eps: float = 1e-8) -> Array:
     return r / (jnp.sum(r, axis=0, keepdims=True) + eps)
 
 
-PSF_MODES = ("valid", "synthesis")
+def psf_degrade(z: Array, kernel: Array, scale: int) -> Array:
+    """The model's spatial degradation (``GaussianKernel.forward``): per-band *valid*
+    cross-correlation with ``kernel`` (k, k), no padding, keeping every ``scale``-th sample::
 
+        out[b, i, j, c] = sum_{u, v} K[u, v] z[b, s i + u, s j + v, c],   (H - k) // s + 1 rows
 
-def psf_degrade(z: Array, kernel: Array, scale: int, mode: str = "valid") -> Array:
-    """Per-band blur + s-fold decimation as the authors compute it: a cross-correlation with
-    ``kernel`` (k, k), keeping every ``scale``-th sample::
-
-        out[b, i, j, c] = sum_{u, v} K[u, v] z_pad[b, s i + u, s j + v, c]
-
-    ``mode="valid"`` (the model, ``GaussianKernel.forward``: ``conv2d`` + ``[0::s, 0::s]``): no
-    padding, ``(H - k) // s + 1`` rows. ``mode="synthesis"``
-    (``DatasetSyn/DegradationProcess.blur_downsample``): zero padding ``(k - s) // 2`` before and
-    the rest of ``k - s`` after, exactly ``H / s`` rows. Both coincide for ``k == s`` (the CAVE
-    protocol), where each LR pixel is a K-weighted sum over its own s x s block, computed as one
-    reshape + einsum. ``z``: (..., H, W, C)."""
+    For ``k == s`` (DAEM ties the kernel size to the scale) each LR pixel is the K-weighted sum
+    over its own s x s block -- one reshape + einsum -- and this equals the synthesis of the data
+    (``physics.daem_degrade``, whose zero padding ``(k - s) // 2`` is then 0). ``z``:
+    (..., H, W, C); ``kernel`` (k, k), or (N, k, k) with one kernel per image of ``z`` (N, H, W,
+    C). Differentiable in ``z`` and ``kernel``."""
     z = jnp.asarray(z)
     kernel = jnp.asarray(kernel, z.dtype)
     if z.ndim < 3:
         raise ValueError(f"psf_degrade: z must have shape (..., H, W, C), got {z.shape}")
+    if kernel.ndim == 3:                     # one kernel per image (image-wise protocol)
+        if z.ndim != 4 or kernel.shape[0] != z.shape[0]:
+            raise ValueError(f"psf_degrade: {kernel.shape[0]} kernels need z of shape "
+                             f"(N, H, W, C) with N = {kernel.shape[0]}, got {z.shape}")
+        return jax.vmap(lambda zi, ki: psf_degrade(zi, ki, scale))(z, kernel)
     if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
         raise ValueError(f"psf_degrade: kernel must have shape (k, k), got {kernel.shape}")
-    if mode not in PSF_MODES:
-        raise ValueError(f"psf_degrade: mode must be one of {PSF_MODES}, got {mode!r}")
     k, s = kernel.shape[0], int(scale)
     lead, (h, w, c) = z.shape[:-3], z.shape[-3:]
     if k == s:
@@ -132,21 +131,11 @@ def psf_degrade(z: Array, kernel: Array, scale: int, mode: str = "valid") -> Arr
         blocks = z.reshape(lead + (h // s, s, w // s, s, c))
         return jnp.einsum("...huwvc,uv->...hwc", blocks, kernel,
                           precision=jax.lax.Precision.HIGHEST)
-    if mode == "synthesis":
-        if k < s:
-            raise ValueError(f"psf_degrade: synthesis needs a kernel at least the scale, got "
-                             f"k = {k} < s = {s}")
-        if h % s or w % s:
-            raise ValueError(f"psf_degrade: H, W = ({h}, {w}) must be multiples of the scale {s}")
-        before = (k - s) // 2
-        pads = [(before, k - s - before)] * 2
-    else:
-        if h < k or w < k:
-            raise ValueError(f"psf_degrade: image {h}x{w} is smaller than the {k}x{k} kernel")
-        pads = [(0, 0)] * 2
+    if h < k or w < k:
+        raise ValueError(f"psf_degrade: image {h}x{w} is smaller than the {k}x{k} kernel")
     planes = jnp.moveaxis(z.reshape((-1, h, w, c)), -1, 1).reshape((-1, h, w, 1))
     out = jax.lax.conv_general_dilated(
-        planes, kernel[:, :, None, None], (s, s), pads,
+        planes, kernel[:, :, None, None], (s, s), "VALID",
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
     ho, wo = out.shape[1], out.shape[2]
     out = jnp.moveaxis(out.reshape((-1, c, ho, wo)), 1, -1)
@@ -393,9 +382,12 @@ class DAEM(nn.Module):
         mean, std = self.fusion(hr_msi)
         return reparameterize(mean, std, noise)
 
-    def sample_lr(self, hr_msi: Array, noise: Array) -> Array:
-        """The degradation-aware LR pass: ``sample(Dec(Enc(PSF(Y))))`` (the phi-step input)."""
-        mean, std = self.fusion(self.spatial_degrade(hr_msi))
+    def sample_lr(self, hr_msi: Array, noise: Array, kernel: Array | None = None) -> Array:
+        """The degradation-aware LR pass: ``sample(Dec(Enc(PSF(Y))))`` (the phi-step input);
+        ``kernel`` replaces the estimated PSF (e.g. the true one) when given."""
+        y_lr = (self.spatial_degrade(hr_msi) if kernel is None
+                else psf_degrade(hr_msi, kernel, self.scale))
+        mean, std = self.fusion(y_lr)
         return reparameterize(mean, std, noise)
 
     def __call__(self, lr_hsi: Array | None, hr_msi: Array, train: bool = False) -> Array:
@@ -457,20 +449,24 @@ def theta_loss(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Ar
 
 
 def phi_loss(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Array,
-             noise_lr: Array, beta: float = 0.5) -> tuple[Array, dict]:
+             noise_lr: Array, beta: float = 0.5, kernel: Array | None = None
+             ) -> tuple[Array, dict]:
     """M-step for phi, degradation-aware (``loss.cal_loss_phi``), gradients to ``fusion`` only::
 
         X^ = mean + noise_lr * std  of  Dec(Enc(stop_grad(PSF)(Y)))      L = beta |X^ - X|
-    """
+
+    ``kernel``: a fixed PSF instead of the estimate (the true one, or the supplement's "w/o COP"
+    ablation's fixed near-delta kernel)."""
     variables = {"params": _freeze(params, "degradation")}
-    x_hat = model.apply(variables, hr_msi, noise_lr, method=DAEM.sample_lr)
+    x_hat = model.apply(variables, hr_msi, noise_lr, kernel, method=DAEM.sample_lr)
     fit = _l1(x_hat, lr_hsi)
     return beta * fit, {"lr_fit": fit}
 
 
 def em_gradients(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Array,
                  key: Array, weights: Sequence[float] = (0.5, 0.2, 0.2), beta: float = 0.5,
-                 consistency: str = "paper") -> tuple[dict, dict]:
+                 consistency: str = "paper", kernel: Array | None = None
+                 ) -> tuple[dict, dict]:
     """One generalised-EM iteration's gradient as the released code takes it: theta-gradient of
     :func:`theta_loss` plus phi-gradient of :func:`phi_loss`, both at the *same* parameters, with
     two independent noise draws (one Adam step on the sum then equals the code's single
@@ -480,7 +476,8 @@ def em_gradients(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: 
         lambda p: theta_loss(model, p, lr_hsi, hr_msi, noise_hr, weights, consistency),
         has_aux=True)(params)
     (lp, mp), gp = jax.value_and_grad(
-        lambda p: phi_loss(model, p, lr_hsi, hr_msi, noise_lr, beta), has_aux=True)(params)
+        lambda p: phi_loss(model, p, lr_hsi, hr_msi, noise_lr, beta, kernel),
+        has_aux=True)(params)
     grads = {**gt, "fusion": gp["fusion"]}
     return grads, {"loss_theta": lt, "loss_phi": lp, **mt, **mp}
 
@@ -555,7 +552,7 @@ def _finetune_segment(model, params, dec, opt_state, a_lr, lr_hsi, key, t0, t1, 
 def finetune(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Array, key: Array,
              *, record_at: Sequence[int] = (0, 200, 500), eval_every: int = 20, lr: float = 1e-3,
              milestones: Sequence[int] = (250, 450, 650, 850, 1050), gamma: float = 0.5,
-             beta: float = 0.5) -> tuple[dict[int, Array], dict]:
+             beta: float = 0.5, kernel: Array | None = None) -> tuple[dict[int, Array], dict]:
     """Per-image partial fine-tuning of the released code (``demo_cave.test`` /
     ``model.test_incremental``), one image pair (1, h, w, C) / (1, H, W, b):
 
@@ -566,15 +563,17 @@ def finetune(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Arra
        ``beta |sample(Dec(A_lr)) - X|`` with the lr of :func:`finetune_lr`.
 
     ``record_at``: iteration counts at which the HR prediction ``mean(Dec(Enc(Y)))`` is taken
-    (200 is the authors' reported row; 500 = after the full loop). Returns
+    (200 is the authors' reported row; 500 = after the full loop). ``kernel`` replaces the
+    estimated PSF in ``A_lr`` (e.g. the true PSF). Returns
     ``({t: prediction}, fine-tuned params)``; ``params`` itself is never modified, so every image
     starts from the same weights."""
     lr_hsi = jnp.asarray(lr_hsi, jnp.float32)
     hr_msi = jnp.asarray(hr_msi, jnp.float32)
     model.apply({"params": params}, lr_hsi, hr_msi)           # shape checks
     variables = {"params": params}
-    a_lr = model.apply(variables, model.apply(variables, hr_msi, method=DAEM.spatial_degrade),
-                       method=DAEM.encode)
+    y_lr = (model.apply(variables, hr_msi, method=DAEM.spatial_degrade) if kernel is None
+            else psf_degrade(hr_msi, kernel, model.scale))
+    a_lr = model.apply(variables, y_lr, method=DAEM.encode)
     dec, _ = _split_fusion(params)
     opt_state = optax.scale_by_adam().init(dec)
     preds, t = {}, 0
