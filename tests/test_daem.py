@@ -514,3 +514,79 @@ def test_parity_modules_and_em_losses(torch_ref):
     w = g_phi["AbundanceEstNet.Encoder_0.layers.0.0.conv2d.weight"].numpy()
     np.testing.assert_allclose(np.asarray(gp["fusion"]["encoder"]["conv_0"]["kernel"]),
                                w.transpose(2, 3, 1, 0), rtol=1e-3, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# engine integration: --method daem (task fusion, phases step, adapt)
+# ----------------------------------------------------------------------------------------------
+def _engine_state(method, cfg, x, y):
+    from jaxspec.train import state as state_lib
+    from jaxspec.train import steps
+
+    model = method.make_model(dict(cfg.model, n_bands=31, msi_bands=3, scale=8))
+    tx = steps.make_optimizer_for(cfg, method)
+    st = state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), inputs=(x, y))
+    return model, st, steps.build_train_step(model, cfg, method)
+
+
+def _changed(a, b):
+    return [not np.array_equal(np.asarray(u), np.asarray(v))
+            for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
+
+
+def test_registered_phases_update_only_their_groups(small):
+    from jaxspec import registry
+    _, _, x, y, z = small
+    method = registry.get("daem")
+    assert (method.task, method.step_kind) == ("fusion", "phases")
+    cfg = method.config("smoke")
+    phases = method.step_options["phases"]
+    assert [p.name for p in phases] == ["theta", "phi"]
+    batch = {"lr_hsi": x, "hr_msi": y, "hsi": z}
+    model, st, step = _engine_state(method, cfg, x, y)
+    new, metrics = jax.jit(step)(st, batch)
+    assert all(_changed(st.params["degradation"], new.params["degradation"]))
+    assert all(_changed(st.params["fusion"], new.params["fusion"]))
+    assert {"loss/theta", "loss/phi", "theta/consistency", "phi/lr_fit"} <= set(metrics)
+    from jaxspec.train import steps
+    for ph, own in zip(phases, ("degradation", "fusion")):
+        _, labels = steps.phase_transform(cfg, ph, st.params)
+        for group, tree in labels.items():
+            assert set(jax.tree_util.tree_leaves(tree)) == {"on" if group == own else "off"}
+
+
+def test_engine_adapt_touches_only_decoders_and_resets(small):
+    from jaxspec import inference, registry, tasks
+    model, variables, x, y, z = small
+    method = registry.get("daem")
+    cfg = method.config("smoke")
+    adapt = inference.make_adapter(tasks.get("fusion"), model.apply, method.adapt_loss,
+                                   steps=5, lr=cfg.adapt_lr, params=tuple(cfg.adapt_params))
+    v1 = adapt(variables, {"lr_hsi": x, "hr_msi": y})
+    p0, p1 = variables["params"], v1["params"]
+    assert not any(_changed(p0["fusion"]["encoder"], p1["fusion"]["encoder"]))
+    assert not any(_changed(p0["degradation"], p1["degradation"]))
+    assert any(_changed(p0["fusion"]["decoder_mu"], p1["fusion"]["decoder_mu"]))
+    loss = lambda v: float(method.adapt_loss(model.apply, v, {"lr_hsi": x, "hr_msi": y}))
+    assert loss(v1) < loss(variables)
+    # a second image starts again from the trained weights
+    other = adapt(variables, {"lr_hsi": x[:, ::-1], "hr_msi": y[:, ::-1]})
+    again = adapt(variables, {"lr_hsi": x[:, ::-1], "hr_msi": y[:, ::-1]})
+    assert not any(_changed(other["params"], again["params"]))
+
+
+def test_train_and_evaluate_smoke(tmp_path):
+    """``--method daem`` end to end: 2 EM steps, final evaluation with per-image adaptation."""
+    from jaxspec import physics, registry
+    from jaxspec.train.loop import train_and_evaluate
+    cfg = registry.get("daem").config("smoke")
+    src = [{"hsi": smooth_cube(32, 32, seed=i)[0], "bands": physics.WAVELENGTHS_31,
+            "name": f"s{i}"} for i in range(3)]
+    out = train_and_evaluate(cfg, tmp_path / "run", resume=False, train_source=src,
+                             eval_source=src[:2], progress=False, figures=0)
+    assert out["step"] == 2 and out["params"] == 6558
+    import json
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev["adapt"]["steps"] == 2 and ev["num_images"] == 2
+    assert np.isfinite(ev["mean"]["psnr"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["scale"] == 4

@@ -171,15 +171,19 @@ def consistency_loss(lr_hsi: Array, hr_msi: Array, kernel: Array, srf: Array, sc
 # modules
 # --------------------------------------------------------------------------------------------
 class GaussianPSF(nn.Module):
-    """Learnable PSF: parameter ``q`` (2, 2) initialised ``init_scale * I`` (code: 5 I, i.e.
-    ``Lambda = 25 I``, a near-delta kernel); ``__call__()`` returns the (size, size) kernel."""
+    """Learnable PSF: ``q`` (2, 2) initialised ``init_scale * I`` (code: 5 I, i.e.
+    ``Lambda = 25 I``, a near-delta kernel); ``__call__()`` returns the (size, size) kernel.
+    ``param_scale`` stores ``q / param_scale`` as the parameter: with Adam (scale-invariant
+    steps) that multiplies theta's effective learning rate by ``param_scale`` (1 = the code)."""
     size: int
     init_scale: float = 5.0
+    param_scale: float = 1.0
 
     @nn.compact
     def __call__(self) -> Array:
-        q = self.param("q", lambda key: self.init_scale * jnp.eye(2, dtype=jnp.float32))
-        return cholesky_gaussian_kernel(q, self.size)
+        q = self.param("q", lambda key: self.init_scale / self.param_scale
+                       * jnp.eye(2, dtype=jnp.float32))
+        return cholesky_gaussian_kernel(q * self.param_scale, self.size)
 
 
 def _srf_init(init: str, n_bands: int):
@@ -206,12 +210,14 @@ class GaussianSRF(nn.Module):
     components: int = 4
     initialization: str = "code"
     eps: float = 1e-8
+    param_scale: float = 1.0          # as GaussianPSF.param_scale
 
     @nn.compact
     def __call__(self) -> Array:
-        p = self.param("p", _srf_init(self.initialization, self.n_bands),
+        init = _srf_init(self.initialization, self.n_bands)
+        p = self.param("p", lambda key, shape: init(key, shape) / self.param_scale,
                        (self.msi_bands, self.components, 2))
-        return gmm_srf(p, self.n_bands, self.eps)
+        return gmm_srf(p * self.param_scale, self.n_bands, self.eps)
 
 
 class Degradation(nn.Module):
@@ -223,11 +229,12 @@ class Degradation(nn.Module):
     psf_init: float = 5.0
     srf_init: str = "code"
     srf_eps: float = 1e-8
+    param_scale: float = 1.0
 
     def setup(self):
-        self.psf = GaussianPSF(self.kernel_size, self.psf_init)
+        self.psf = GaussianPSF(self.kernel_size, self.psf_init, self.param_scale)
         self.srf = GaussianSRF(self.n_bands, self.msi_bands, self.components, self.srf_init,
-                               self.srf_eps)
+                               self.srf_eps, self.param_scale)
 
     def __call__(self) -> tuple[Array, Array]:
         return self.psf(), self.srf()
@@ -333,13 +340,18 @@ class DAEM(nn.Module):
     psf_init: float = 5.0
     srf_init: str = "code"
     srf_eps: float = 1e-8
+    theta_lr_scale: float = 1.0       # theta stored / this: Adam lr of theta x this (1 = code)
+    # EM loss settings (read by the registered phase losses): [a1, a2, a3], beta, consistency
+    theta_weights: Sequence[float] = (0.5, 0.2, 0.2)
+    beta: float = 0.5
+    consistency: str = "paper"
 
     def setup(self):
         self.fusion = FusionVAE(self.n_bands, self.n_endmembers, self.decoder,
                                 self.encoder_last_activation, self.mu_hidden, self.sigma_hidden)
         self.degradation = Degradation(self.n_bands, self.msi_bands, self.scale,
                                        self.srf_components, self.psf_init, self.srf_init,
-                                       self.srf_eps)
+                                       self.srf_eps, self.theta_lr_scale)
 
     # -- checks -----------------------------------------------------------------------------
     def _check(self, lr_hsi: Array | None, hr_msi: Array) -> None:
@@ -417,7 +429,15 @@ def _freeze(params: Mapping[str, Any], group: str) -> dict:
     return out
 
 
-def theta_loss(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Array,
+def _apply_of(model):
+    """``(apply, scale)`` from a :class:`DAEM` or its bound ``model.apply``."""
+    module = model if isinstance(model, DAEM) else getattr(model, "__self__", None)
+    if not isinstance(module, DAEM):
+        raise ValueError(f"expected a DAEM module or its bound .apply, got {model!r}")
+    return module.apply, module.scale
+
+
+def theta_loss(model, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Array,
                noise_hr: Array, weights: Sequence[float] = (0.5, 0.2, 0.2),
                consistency: str = "paper") -> tuple[Array, dict]:
     """M-step for theta (``loss.cal_loss_theta``), gradients to ``degradation`` only::
@@ -428,19 +448,21 @@ def theta_loss(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Ar
     ``consistency``: ``"paper"`` C = |X R - PSF(Y)| on the observed images (default);
     ``"code"`` C = |SRF(PSF(Zs)) - PSF(SRF(Zs))|, the released code's term, identically zero up to
     rounding (both operators are linear and act on different axes, so they commute);
-    ``"none"`` C = 0. Returns ``(L, {"x_fit", "y_fit", "consistency"})`` (unweighted terms)."""
+    ``"none"`` C = 0. ``model``: the DAEM module or its bound ``apply``. Returns
+    ``(L, {"x_fit", "y_fit", "consistency"})`` (unweighted terms)."""
     if consistency not in CONSISTENCY:
         raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+    apply, scale = _apply_of(model)
     variables = {"params": _freeze(params, "fusion")}
-    z = jax.lax.stop_gradient(model.apply(variables, hr_msi, noise_hr, method=DAEM.sample_hr))
-    kernel, srf = model.apply(variables, method=DAEM.psf), model.apply(variables, method=DAEM.srf)
-    x_fit = _l1(lr_hsi, psf_degrade(z, kernel, model.scale))
+    z = jax.lax.stop_gradient(apply(variables, hr_msi, noise_hr, method=DAEM.sample_hr))
+    kernel, srf = apply(variables, method=DAEM.psf), apply(variables, method=DAEM.srf)
+    x_fit = _l1(lr_hsi, psf_degrade(z, kernel, scale))
     y_fit = _l1(hr_msi, srf_project(z, srf))
     if consistency == "paper":
-        cons = consistency_loss(lr_hsi, hr_msi, kernel, srf, model.scale)
+        cons = consistency_loss(lr_hsi, hr_msi, kernel, srf, scale)
     elif consistency == "code":
-        cons = _l1(srf_project(psf_degrade(z, kernel, model.scale), srf),
-                   psf_degrade(srf_project(z, srf), kernel, model.scale))
+        cons = _l1(srf_project(psf_degrade(z, kernel, scale), srf),
+                   psf_degrade(srf_project(z, srf), kernel, scale))
     else:
         cons = jnp.zeros((), jnp.float32)
     a1, a2, a3 = weights
@@ -448,7 +470,7 @@ def theta_loss(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Ar
                                                   "consistency": cons}
 
 
-def phi_loss(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Array,
+def phi_loss(model, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Array,
              noise_lr: Array, beta: float = 0.5, kernel: Array | None = None
              ) -> tuple[Array, dict]:
     """M-step for phi, degradation-aware (``loss.cal_loss_phi``), gradients to ``fusion`` only::
@@ -457,8 +479,9 @@ def phi_loss(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Arra
 
     ``kernel``: a fixed PSF instead of the estimate (the true one, or the supplement's "w/o COP"
     ablation's fixed near-delta kernel)."""
+    apply, _ = _apply_of(model)
     variables = {"params": _freeze(params, "degradation")}
-    x_hat = model.apply(variables, hr_msi, noise_lr, kernel, method=DAEM.sample_lr)
+    x_hat = apply(variables, hr_msi, noise_lr, kernel, method=DAEM.sample_lr)
     fit = _l1(x_hat, lr_hsi)
     return beta * fit, {"lr_fit": fit}
 
@@ -654,3 +677,74 @@ def param_count_by_group(params: Mapping[str, Any]) -> dict[str, int]:
     return {"encoder": n(fus["encoder"]), "decoder_mu": n(fus["decoder_mu"]),
             "decoder_sigma": n(fus["decoder_sigma"]), "psf": n(params["degradation"]["psf"]),
             "srf": n(params["degradation"]["srf"]), "total": n(params)}
+
+
+# --------------------------------------------------------------------------------------------
+# engine integration: task "fusion", step kind "phases" (theta-step, then phi-step), adapt
+# --------------------------------------------------------------------------------------------
+def _module_of(apply_fn) -> DAEM:
+    module = getattr(apply_fn, "__self__", None)
+    if not isinstance(module, DAEM):
+        raise ValueError("the DAEM phase losses need the model's bound .apply as apply_fn")
+    return module
+
+
+def theta_phase_loss(apply_fn, variables, batch, rngs):
+    """Phase ``theta`` (M-step of the degradation, after the E-step sample): :func:`theta_loss`
+    with the model's ``theta_weights`` / ``consistency``; the phase updates ``degradation/``."""
+    m = _module_of(apply_fn)
+    x, y = batch["lr_hsi"], batch["hr_msi"]
+    noise_hr, _ = draw_noise(rngs["noise"], x, m.scale)
+    return theta_loss(m, variables["params"], x, y, noise_hr, tuple(m.theta_weights),
+                      m.consistency)
+
+
+def phi_phase_loss(apply_fn, variables, batch, rngs):
+    """Phase ``phi`` (degradation-aware M-step of the fusion net): :func:`phi_loss` with the
+    model's ``beta``, the PSF as updated by phase ``theta``; the phase updates ``fusion/``."""
+    m = _module_of(apply_fn)
+    x, y = batch["lr_hsi"], batch["hr_msi"]
+    _, noise_lr = draw_noise(rngs["noise"], x, m.scale)
+    return phi_loss(m, variables["params"], x, y, noise_lr, m.beta)
+
+
+def adapt_loss(apply_fn, variables, inputs):
+    """Self-supervised loss of the per-image fine-tuning through ``jaxspec.inference.
+    make_adapter`` (``config.adapt_params`` = the two decoder heads): ``beta * mean |mean(Dec(
+    Enc(PSF(Y)))) - X|`` at LR. The engine's adapter passes no PRNG key, so this uses the mean
+    head (no sample; the std head gets no gradient) -- :func:`finetune` is the sampled version
+    with the code's lr schedule."""
+    m = _module_of(apply_fn)
+    x, y = inputs["lr_hsi"], inputs["hr_msi"]
+    a_lr = apply_fn(variables, apply_fn(variables, y, method=DAEM.spatial_degrade),
+                    method=DAEM.encode)
+    mean, _ = apply_fn(variables, a_lr, method=DAEM.decode)
+    return m.beta * _l1(mean, x)
+
+
+def _register():
+    from jaxspec import registry
+    from jaxspec.train.steps import Phase
+
+    registry.register(registry.Method(
+        name="daem",
+        make_model=registry.module_factory(
+            DAEM, "DAEM", tuple_keys=("theta_weights", "mu_hidden", "sigma_hidden")),
+        presets=registry.standard_presets("jaxspec.configs.daem"),
+        task="fusion",
+        step_kind="phases",
+        data_fields={"n_bands": "bands", "msi_bands": "msi_bands", "scale": "scale"},
+        adapt_loss=adapt_loss,
+        rng_streams=("noise",),
+        step_options={"phases": [
+            Phase("theta", theta_phase_loss, params=(r"^degradation/",)),
+            Phase("phi", phi_phase_loss, params=(r"^fusion/",)),
+        ]},
+        description="DAEM: Gaussian PSF + GMM SRF estimation and a per-pixel VAE fusion net "
+                    "(6.6 K params), generalised EM, per-image decoder fine-tuning",
+        reference=("W. Guo, W. Xie, K. Jiang, Y. Li, J. Lei, L. Fang. Toward Stable, "
+                   "Interpretable, and Lightweight Hyperspectral Super-Resolution. CVPR 2023."),
+    ))
+
+
+_register()
