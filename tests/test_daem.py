@@ -247,14 +247,17 @@ def test_em_losses_update_only_their_group(small):
     model, variables, x, y, z = small
     params = variables["params"]
     noise_hr, noise_lr = D.draw_noise(jax.random.PRNGKey(4), x, 8)
-    gt = jax.jit(jax.grad(lambda p: D.theta_loss(model, p, x, y, noise_hr)[0]))(params)
-    gp = jax.jit(jax.grad(lambda p: D.phi_loss(model, p, x, y, noise_lr)[0]))(params)
+    @jax.jit
+    def all_grads(p, key):
+        gt = jax.grad(lambda p: D.theta_loss(model, p, x, y, noise_hr)[0])(p)
+        gp = jax.grad(lambda p: D.phi_loss(model, p, x, y, noise_lr)[0])(p)
+        return gt, gp, D.em_gradients(model, p, x, y, key)
+
+    gt, gp, (grads, metrics) = all_grads(params, jax.random.PRNGKey(4))
     assert all(v == 0 for v in _norms(gt["fusion"]).values())
     assert all(v == 0 for v in _norms(gp["degradation"]).values())
     assert _norms(gt["degradation"])["psf/q"] > 0 and _norms(gt["degradation"])["srf/p"] > 0
     assert all(v > 0 for v in _norms(gp["fusion"]).values())
-    grads, metrics = jax.jit(lambda p, k: D.em_gradients(model, p, x, y, k))(
-        params, jax.random.PRNGKey(4))
     for a, b in zip(jax.tree_util.tree_leaves(grads["degradation"]),
                     jax.tree_util.tree_leaves(gt["degradation"])):
         np.testing.assert_array_equal(a, b)
@@ -500,10 +503,10 @@ def test_parity_modules_and_em_losses(torch_ref):
     phi_named = [(n, p) for n, p in net.named_parameters() if "Encoder" in n or "Spectral" in n]
     g_phi = dict(zip([n for n, _ in phi_named],
                      torch.autograd.grad(lp[0], [p for _, p in phi_named])))
-    gt = jax.grad(lambda p: D.theta_loss(model, p, jnp.asarray(x), jnp.asarray(y), noise_hr,
-                                         consistency="code")[0])(params)
-    gp = jax.grad(lambda p: D.phi_loss(model, p, jnp.asarray(x), jnp.asarray(y), noise_lr)[0])(
-        params)
+    gt = jax.jit(jax.grad(lambda p: D.theta_loss(model, p, jnp.asarray(x), jnp.asarray(y),
+                                                 noise_hr, consistency="code")[0]))(params)
+    gp = jax.jit(jax.grad(lambda p: D.phi_loss(model, p, jnp.asarray(x), jnp.asarray(y),
+                                               noise_lr)[0]))(params)
     np.testing.assert_allclose(np.asarray(gt["degradation"]["psf"]["q"]), g_theta[0].numpy(),
                                rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(np.asarray(gt["degradation"]["srf"]["p"]), g_theta[1].numpy(),
@@ -575,6 +578,7 @@ def test_engine_adapt_touches_only_decoders_and_resets(small):
     assert not any(_changed(other["params"], again["params"]))
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_smoke(tmp_path):
     """``--method daem`` end to end: 2 EM steps, final evaluation with per-image adaptation."""
     from jaxspec import physics, registry
