@@ -144,9 +144,10 @@ def train(model, pairs, args, variant, true_srf, log):
                    "srf": D.srf_error(r_est, true_srf), "psf_kernel": k_est.tolist(),
                    "srf_matrix": r_est.tolist()}
             history.append(rec)
-            log(f"    step {t}: PSF l1 {rec['psf']['l1']:.3f} (cov eig {rec['psf']['cov_eigs_est'][0]:.1f},"
-                f"{rec['psf']['cov_eigs_est'][1]:.1f} vs {rec['psf']['cov_eigs_true'][0]:.1f},"
-                f"{rec['psf']['cov_eigs_true'][1]:.1f}), SRF l1 {rec['srf']['l1']:.3f} "
+            pe = rec["psf"]
+            log(f"    step {t}: PSF l1 {pe['l1']:.3f} (cov eig {pe['cov_eigs_est'][0]:.1f},"
+                f"{pe['cov_eigs_est'][1]:.1f} vs {pe['cov_eigs_true'][0]:.1f},"
+                f"{pe['cov_eigs_true'][1]:.1f}), SRF l1 {rec['srf']['l1']:.3f} "
                 f"angle {rec['srf']['angle_deg']:.1f} deg")
         if t == args.steps:
             break

@@ -265,9 +265,6 @@ def test_em_losses_update_only_their_group(small):
                     jax.tree_util.tree_leaves(gp["fusion"])):
         np.testing.assert_array_equal(a, b)
     assert set(metrics) == {"loss_theta", "loss_phi", "x_fit", "y_fit", "consistency", "lr_fit"}
-    labels = D.fusion_labels(params)
-    assert set(jax.tree_util.tree_leaves(labels["fusion"])) == {"phi"}
-    assert set(jax.tree_util.tree_leaves(labels["degradation"])) == {"theta"}
 
 
 def test_noise_keys_are_independent(small):

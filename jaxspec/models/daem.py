@@ -8,7 +8,7 @@ Observation model (LR-HSI ``X`` (B, h, w, C), HR-MSI ``Y`` (B, H, W, b), latent 
 (B, H, W, C), ``H = s h``)::
 
     X = PSF_theta(Z) = (Z * K)_valid [::s, ::s]     K: k x k Gaussian from a Cholesky factor
-    Y = SRF_theta(Z) = Z R                          R: (C, b), columns = K-component Gaussian mixtures
+    Y = SRF_theta(Z) = Z R                          R: (C, b), columns: K-Gaussian mixtures
 
 Parameters live in two subtrees, ``fusion`` (phi: encoder + the mean / std decoders) and
 ``degradation`` (theta: ``psf/q`` (2, 2), ``srf/p`` (b, K, 2)). Everything is per pixel except
@@ -40,7 +40,7 @@ __all__ = [
     "consistency_loss", "GaussianPSF", "GaussianSRF", "Degradation", "Encoder", "DecoderHead",
     "FusionVAE", "DAEM", "theta_loss", "phi_loss", "em_gradients", "draw_noise",
     "finetune_lr", "finetune_update_count", "finetune", "analytic_macs", "kernel_error",
-    "srf_error", "fusion_labels",
+    "srf_error", "param_count_by_group", "theta_phase_loss", "phi_phase_loss", "adapt_loss",
 ]
 
 LRELU_SLOPE = 0.2
@@ -503,13 +503,6 @@ def em_gradients(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: 
         has_aux=True)(params)
     grads = {**gt, "fusion": gp["fusion"]}
     return grads, {"loss_theta": lt, "loss_phi": lp, **mt, **mp}
-
-
-def fusion_labels(params: Mapping[str, Any]) -> dict:
-    """Label tree for ``optax.multi_transform``: ``"phi"`` on the fusion subtree, ``"theta"`` on
-    the degradation subtree."""
-    return {k: jax.tree_util.tree_map(lambda _: "phi" if k == "fusion" else "theta", v)
-            for k, v in params.items()}
 
 
 # --------------------------------------------------------------------------------------------
