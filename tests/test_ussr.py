@@ -535,3 +535,29 @@ def test_paper_metrics_and_srf_accuracy():
     assert same["angle"][0] < 1e-3
     other = U.srf_accuracy(physics.get_srf("cie1964"), srf)
     assert other["auc"][0] < same["auc"][0] and other["angle"][0] > 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# presets
+# ----------------------------------------------------------------------------------------------
+def test_presets_and_ablation_rows():
+    from jaxspec.configs import ussr as C
+    for preset in (C.paper, C.cpu, C.smoke):
+        cfg = preset()
+        assert cfg.method == "ussr" and dict(cfg.model) == C.MODEL
+        assert C.loss_weights(cfg) == U.LossWeights()              # code weights by default
+        assert cfg.extra["rgb_split"] != cfg.extra["hsi_split"]     # unpaired, disjoint scenes
+    assert C.paper().batch_size == 24 and C.paper().steps == 50 * 208
+    cfg = C.cpu()
+    first = C.loss_weights(C.ablation(cfg, "adversarial"))
+    assert (first.bp, first.smooth, first.pos, first.sem, first.l1gc) == (0, 0, 0, 0, False)
+    full = C.loss_weights(C.ablation(cfg, "+S_sem"))
+    assert full == U.LossWeights.paper()
+    assert C.loss_weights(C.ablation(cfg, "0-GP")).gp == "zero"
+    assert [r[0] for r in C.ABLATION_LADDER][-1] == "+S_sem"
+    with pytest.raises(ValueError, match="ablation row"):
+        C.ablation(cfg, "+S_everything")
+    with pytest.raises(ValueError, match="extra.loss"):
+        C.loss_weights(cfg.replace(extra={**cfg.extra, "loss": "mse"}))
+    model = U.USSR(**{**C.MODEL, "srf_dictionary": "builtin"})
+    assert model.n_classes == 13

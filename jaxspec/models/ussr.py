@@ -50,6 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxspec import layers
 from jaxspec import metrics as _metrics
@@ -68,6 +69,7 @@ __all__ = [
     "select_smooth_lambda", "psnr_per_band", "paper_metrics", "srf_accuracy",
     "authors_name", "param_table", "from_torch_state_dict", "to_torch_state_dict",
     "save_param_tree", "load_param_tree", "fit_segmenter",
+    "PHASE_PARAMS", "make_phase_losses", "make_optimizers", "init_train_state", "make_train_step",
 ]
 
 #: Environment variable naming the user's copy of Jiang et al. 2013 ``camspec_database.txt``.
@@ -648,11 +650,13 @@ class USSR(nn.Module):
         return self.E1(layers.as_floating(rgb), train)
 
     def semantic(self, rgb: Array, hsi: Array, train: bool = False,
-                 e1_train: bool = False) -> Array:
+                 e1_train: bool = False, clip: bool = True) -> Array:
         if self.n_classes <= 0:
             raise ValueError("USSR(n_classes=0) has no semantic branch")
         e1 = self.E1(layers.as_floating(rgb), e1_train)
-        y = resize_nearest(l1_gradient_clip(hsi, self.sem_clip_scale), e1.shape[1:3])
+        if clip:
+            hsi = l1_gradient_clip(hsi, self.sem_clip_scale)
+        y = resize_nearest(hsi, e1.shape[1:3])
         return self.extractor(e1, y, train)
 
     def init_all(self, rgb: Array, hsi: Array) -> Array:
@@ -1077,7 +1081,6 @@ def fit_segmenter(rgb: np.ndarray, labels: np.ndarray, *, n_classes: int, width:
     and the same cross-entropy as the semantic branch; random crops and flips. Returns its
     variables ``{"params", "batch_stats"}`` (to freeze as E1, or save with
     :func:`save_param_tree`)."""
-    import optax
 
     rgb = np.asarray(rgb, np.float32)
     labels = np.asarray(labels, np.int32)
@@ -1115,3 +1118,155 @@ def fit_segmenter(rgb: np.ndarray, labels: np.ndarray, *, n_classes: int, width:
         if log is not None and (t % 50 == 0 or t == steps - 1):
             log(f"segmenter step {t}: ce {float(loss):.4f}")
     return {"params": params, "batch_stats": stats}
+
+
+# ============================================================================================
+# Unpaired training: the D phase and the joint G/M/E2/SE phase
+# ============================================================================================
+#: Parameter subtrees (regexes on '/'-joined paths) of each optimiser group.
+PHASE_PARAMS = {"dis": (r"^dishsi/",), "gen": (r"^hsiG/", r"^respG/"), "sem": (r"^extractor/",),
+                "frozen": (r"^E1/",)}
+
+
+def _merge_state(variables, new):
+    return {**variables, **new} if new else variables
+
+
+def make_phase_losses(weights: LossWeights = LossWeights(), *, rgb_key: str = "rgb",
+                      hsi_key: str = "hsi_real", label_key: str = "label",
+                      semantic: bool = True) -> dict[str, Callable]:
+    """Losses of one USSR iteration as ``loss(apply_fn, variables, batch, rngs) -> (loss, aux)``
+    (the engine's phase-loss signature; ``aux["model_state"]`` holds updated BatchNorm stats).
+
+    * ``"dis"``: L_D on ``D(Y_fake / mean|Y_fake|)`` (the generator output on ``batch[rgb_key]``,
+      gradient stopped: the code discards D's gradient to G in the D step) and
+      ``D(Y_r / mean Y_r)`` for the unpaired real cubes ``batch[hsi_key]``; BatchNorm in
+      training mode on each of the two batches separately, as the code's two calls; plus the
+      gradient penalty of ``weights.gp``.
+    * ``"gen"``: L_G (Eq. 8 with ``weights``) through the L1-clipped fake; the discriminator runs
+      in training mode (batch statistics) as in the code; the semantic term uses the material
+      ``batch[label_key]`` (B, H, W). Its gradient trains G + M (and E2 + SE, whose parameters
+      the ``"sem"`` optimiser group updates in the same step).
+    """
+    def reconstruct(apply_fn, variables, rgb):
+        return apply_fn(variables, rgb, True, method=USSR.reconstruct)
+
+    def disc(apply_fn, variables, x):
+        logits, upd = apply_fn(variables, x, True, method=USSR.discriminate,
+                               mutable=["batch_stats"])
+        return logits, upd
+
+    def dis_loss(apply_fn, variables, batch, rngs):
+        fake = jax.lax.stop_gradient(reconstruct(apply_fn, variables, batch[rgb_key])["hsi"])
+        real = batch[hsi_key]
+        fake_n, real_n = discriminator_input(fake), discriminator_input(real)
+        lf, upd = disc(apply_fn, variables, fake_n)
+        lr_, upd = disc(apply_fn, _merge_state(variables, upd), real_n)
+        gp = None
+        if weights.gp != "none":
+            def prob(x):
+                return jax.nn.sigmoid(disc(apply_fn, variables, x)[0])
+            gp = gradient_penalty(prob, real_n, fake_n, rngs["gp"],
+                                  1.0 if weights.gp == "one" else 0.0)
+        loss, terms = discriminator_loss(lf, lr_, gp, weights.gp_weight)
+        return loss, {**terms, "d_fake": jnp.mean(jax.nn.sigmoid(lf)),
+                      "d_real": jnp.mean(jax.nn.sigmoid(lr_)), "model_state": upd}
+
+    def gen_loss(apply_fn, variables, batch, rngs):
+        rgb = batch[rgb_key]
+        out = reconstruct(apply_fn, variables, rgb)
+        hsi = out["hsi"]
+        x = l1_gradient_clip(hsi) if weights.l1gc else hsi
+        logits, upd = disc(apply_fn, variables, discriminator_input(x))
+        sem_logits = labels = None
+        if semantic and weights.sem:
+            sem_logits, upd2 = apply_fn(_merge_state(variables, upd), rgb, hsi, True,
+                                        method=USSR.semantic, rngs={"dropout": rngs["dropout"]},
+                                        mutable=["batch_stats"], clip=weights.l1gc)
+            upd = {"batch_stats": {**upd["batch_stats"], **upd2["batch_stats"]}}
+            labels = batch[label_key]
+        loss, terms = generator_loss(logits, out["residual"], hsi, weights, sem_logits, labels)
+        return loss, {**terms, "model_state": upd}
+
+    return {"dis": dis_loss, "gen": gen_loss}
+
+
+def _labels(params, rules: Mapping[str, Sequence[str]], default: str = "frozen"):
+    flat = _flat(params)
+    out = {}
+    for path in flat:
+        name = "/".join(path)
+        out[path] = next((g for g, pats in rules.items() if any(re.search(p, name)
+                                                                 for p in pats)), default)
+    return _unflat(out)
+
+
+def make_optimizers(steps: int, *, lr_gen: float = 1e-4, lr_dis: float = 5e-4,
+                    lr_sem: float = 1e-3, sem_momentum: float = 0.9, sem_wd: float = 1e-4,
+                    sem_poly: float = 0.9, b1: float = 0.9, b2: float = 0.999,
+                    train_e1: bool = False) -> dict[str, Any]:
+    """The authors' optimisers: Adam(b1, b2), constant lr, 1e-4 for G + M and 5e-4 for D; SGD
+    (momentum 0.9, weight decay 1e-4 added to the gradient as torch does) with the poly
+    schedule ``lr (1 - t/steps)^0.9`` for E2 + SE (and E1 when ``train_e1``, else frozen).
+    Returns ``{"dis": tx, "gen": tx}``, each an ``optax.multi_transform`` over the whole tree
+    that updates only its phase's groups."""
+
+    poly = optax.polynomial_schedule(lr_sem, 0.0, sem_poly, max(int(steps), 1))
+    sgd = optax.chain(optax.add_decayed_weights(sem_wd), optax.sgd(poly, momentum=sem_momentum))
+    zero = optax.set_to_zero()
+    groups = dict(PHASE_PARAMS)
+    if train_e1:
+        groups = {**groups, "sem": groups["sem"] + groups.pop("frozen")}
+
+    def tx_for(active: Mapping[str, Any]):
+        txs = {g: active.get(g, zero) for g in ("dis", "gen", "sem", "frozen")}
+        return optax.multi_transform(txs, lambda p: _labels(p, groups))
+
+    return {"dis": tx_for({"dis": optax.adam(lr_dis, b1, b2)}),
+            "gen": tx_for({"gen": optax.adam(lr_gen, b1, b2), "sem": sgd})}
+
+
+def init_train_state(model: USSR, optimizers: Mapping[str, Any], key: Array, rgb: Array,
+                     hsi: Array, e1_variables: Mapping | None = None) -> dict:
+    """``{"step", "params", "batch_stats", "opt": {phase: state}, "rng"}`` for
+    :func:`make_train_step`; ``e1_variables`` (from :func:`fit_segmenter` or
+    :func:`load_param_tree`) replace the E1 initialisation."""
+    k_init, k_rng = jax.random.split(key)
+    v = model.init(k_init, rgb, hsi, method=USSR.init_all)
+    params, stats = dict(v["params"]), dict(v.get("batch_stats", {}))
+    if e1_variables is not None:
+        params["E1"] = e1_variables["params"]
+        stats["E1"] = e1_variables["batch_stats"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": stats,
+            "opt": {k: tx.init(params) for k, tx in optimizers.items()}, "rng": k_rng}
+
+
+def make_train_step(model: USSR, optimizers: Mapping[str, Any],
+                    losses: Mapping[str, Callable]) -> Callable:
+    """One USSR iteration as a pure ``step(state, batch) -> (state, metrics)``: the D phase,
+    then the G phase on the updated D (and its BatchNorm statistics), each with its own
+    optimiser state. Jit it (state donated); ``rng`` is folded with the step number."""
+    def step(state, batch):
+        base = jax.random.fold_in(state["rng"], state["step"])
+        params, stats, opt = state["params"], state["batch_stats"], dict(state["opt"])
+        metrics = {}
+        for i, name in enumerate(("dis", "gen")):
+            k = jax.random.fold_in(base, i)
+            rngs = {"dropout": jax.random.fold_in(k, 0), "gp": jax.random.fold_in(k, 1)}
+
+            def objective(p, stats=stats, rngs=rngs, name=name):
+                return losses[name](model.apply, {"params": p, "batch_stats": stats}, batch, rngs)
+
+            (loss, aux), g = jax.value_and_grad(objective, has_aux=True)(params)
+            upd, opt[name] = optimizers[name].update(g, opt[name], params)
+            params = optax.apply_updates(params, upd)
+            ms = aux.pop("model_state", {}) or {}
+            if ms:
+                stats = {**stats, **ms["batch_stats"]}
+            metrics[f"loss/{name}"] = loss
+            metrics.update({f"{name}/{k_}": v for k_, v in aux.items()})
+        new = {"step": state["step"] + 1, "params": params, "batch_stats": stats, "opt": opt,
+               "rng": state["rng"]}
+        return new, metrics
+
+    return step
