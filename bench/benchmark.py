@@ -3,6 +3,7 @@
     python bench/benchmark.py                       # all methods, preset cpu|paper by backend
     python bench/benchmark.py --methods mstpp --preset smoke
     python bench/benchmark.py --workdir mstpp=runs/mstpp   # + metrics of a trained run on CAVE
+    python bench/benchmark.py --fusion-only --fusion bicubic --scales 8,32   # fusion table
 
 Per method (each in a fresh subprocess so peak memory is its own):
 
@@ -21,6 +22,11 @@ CAVE scenes in ``../shared/data/cave/`` (beside the checkout; ``JAXSPEC_SHARED_D
 overrides) when present: reflectance = 16-bit PNG / 65535, RGB rendered linearly through the
 SRF named by ``--srf`` (default ``cie1964``, the NTIRE 2020 Clean convention), then normalised
 as the method was trained (``config.rgb_norm``); full 512x512 images, no crop border.
+Every method goes through its task (``jaxspec.tasks``): the inputs are the task's (fusion:
+LR-HSI + HR-MSI at the config's scale, output 482x512); parameter-free methods have no train
+numbers. ``--fusion NAME`` (parameter-free) or ``--fusion NAME=WORKDIR`` scores a fusion method
+at each of ``--scales`` on the CAVE scenes and on ``--fusion-dataset`` (validation split), pairs
+synthesised by the method config's degradation (:func:`fusion_scores`).
 Writes ``bench/results_<backend>.json`` and re-renders ``bench/RESULTS.md`` from every
 ``results_*.json`` there (one section per machine).
 """
@@ -73,49 +79,82 @@ def peak_memory_bytes() -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
 
 
+def _random_inputs(task, info, size, side_inputs, batch, seed):
+    """Task inputs of output size ``size`` ((H, W) or int) with uniform values (srf/psf rows
+    normalised like real ones)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    shapes = task.input_shapes(info, size, batch=batch)
+    out = {}
+    for k in tuple(task.input_keys) + tuple(side_inputs):
+        x = rng.random(shapes[k]).astype(np.float32)
+        if k in ("srf", "psf"):
+            x /= x.sum(axis=(1, 2) if k == "psf" else 1, keepdims=True)
+        out[k] = x
+    return out
+
+
 def bench_method(name: str, preset: str | None, reps: int) -> dict:
+    """Params, FLOPs, inference time per IMAGE-sized output and train steps/s of one method,
+    through its task (rgb2hsi: RGB in; hsi2hsi: HSI in; fusion: LR-HSI + HR-MSI at the
+    config's scale; parameter-free ``step_kind="none"`` methods: no train numbers)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxspec import registry
+    from jaxspec import registry, tasks
     from jaxspec.flops import count_flops
     from jaxspec.train import sharding, steps as steps_lib
-    from jaxspec.train.state import create_train_state, param_count
+    from jaxspec.train.state import create_train_state, init_variables, param_count
 
     preset = preset or ("cpu" if jax.default_backend() == "cpu" else "paper")
     method = registry.get(name)
+    task = tasks.of(method)
     cfg = method.config(preset)
     model = method.model(cfg)
-    s = method.stride
-    h, w = (-(-IMAGE[0] // s) * s, -(-IMAGE[1] // s) * s)
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(
+    info = tasks.info_from_config(cfg, method)
+    side = tuple(method.side_inputs)
+    unit = task.unit(cfg, method.stride)
+    h, w = (-(-IMAGE[0] // unit) * unit, -(-IMAGE[1] // unit) * unit)
+    args0, kw0 = task.example_inputs(info, -(-64 // unit) * unit, side)
+    variables = jax.jit(lambda k: init_variables(model, k, inputs=args0, kwargs=kw0))(
         jax.random.PRNGKey(0))
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    x = jax.random.uniform(jax.random.PRNGKey(1), (1, h, w, 3))
-    flops = count_flops(lambda v, x: model.apply(v, x, train=False), variables, x)
-    out = {"method": name, "preset": preset, "params": param_count(variables["params"]),
+
+    def apply(v, x):
+        return tasks.split_output(task.apply(model.apply, v, x, side_inputs=side,
+                                             train=False))[0]
+
+    fwd = jax.jit(apply)
+    x = {k: jnp.asarray(v) for k, v in _random_inputs(task, info, (h, w), side, 1, 1).items()}
+    flops = count_flops(apply, variables, x)
+    out = {"method": name, "preset": preset, "task": task.name,
+           "params": param_count(variables.get("params", {})),
            "paper_params_m": method.paper_params_m, "input": [h, w], "gflops": flops / 1e9}
     if method.paper_gflops_input:
         ph, pw = method.paper_gflops_input
-        xp = jnp.zeros((1, ph, pw, 3))
-        out["gflops_paper_input"] = count_flops(
-            lambda v, x: model.apply(v, x, train=False), variables, xp) / 1e9
+        xp = {k: jnp.asarray(v) for k, v in
+              _random_inputs(task, info, (ph, pw), side, 1, 2).items()}
+        out["gflops_paper_input"] = count_flops(apply, variables, xp) / 1e9
         out["paper_gflops"] = method.paper_gflops
         out["paper_gflops_input"] = [ph, pw]
     t_inf = _timeit(lambda: fwd(variables, x).block_until_ready(), reps, warmup=1)
     out["infer_ms"] = t_inf * 1e3
-    out["infer_gflops_per_s"] = flops / t_inf / 1e9
+    out["infer_gflops_per_s"] = flops / t_inf / 1e9 if flops else 0.0
+    if method.step_kind == steps_lib.NO_TRAINING:
+        out["peak_mem_bytes"], out["peak_mem_kind"] = peak_memory_bytes()
+        return out
 
     mesh = sharding.make_mesh()
     rep = sharding.replicated(mesh)
     tx = steps_lib.make_optimizer_for(cfg, method)
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, cfg.crop, cfg.crop, 3),
-                               out_sharding=rep)
+    args, kwargs = task.example_inputs(info, cfg.crop, side)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), out_sharding=rep,
+                               inputs=args, kwargs=kwargs)
     rng = np.random.default_rng(0)
-    hsi = (rng.random((cfg.batch_size, cfg.crop, cfg.crop, 31)) * 0.8 + 0.1).astype(np.float32)
-    batch = sharding.shard_batch({"rgb": rng.random((cfg.batch_size, cfg.crop, cfg.crop, 3))
-                                  .astype(np.float32), "hsi": hsi}, mesh)
+    host = _random_inputs(task, info, cfg.crop, side, cfg.batch_size, 3)
+    host[task.target_key] = (rng.random((cfg.batch_size, cfg.crop, cfg.crop, info.bands)) * 0.8
+                             + 0.1).astype(np.float32)
+    batch = sharding.shard_batch(host, mesh)
     step_fn = steps_lib.build_train_step(model, cfg, method)
     step_flops = count_flops(step_fn, state, batch)
     step = jax.jit(step_fn, donate_argnums=0, out_shardings=(rep, rep))
@@ -213,6 +252,77 @@ def cave_least_squares(srf_name: str, max_images: int | None, normalization: str
                        f"least squares fitted on spectral_scenes train ({normalization} RGB)")
 
 
+def fusion_scores(spec: str, scale: int, max_images: int | None, dataset: str = "cave"
+                  ) -> dict | None:
+    """A fusion method (``NAME`` parameter-free, or ``NAME=WORKDIR`` trained) evaluated through
+    the fusion task at ``scale`` on ``dataset``: ``"cave"`` (the real scenes in
+    ../shared/data/cave, reflectance / 65535, 400-700 nm) or a TFDS name (its validation split).
+    Pairs are synthesised by the method config's ``fusion`` degradation with ``scale``
+    replaced; metrics per image and their mean (``inference.evaluate_dataset(task=...)``)."""
+    import numpy as np
+
+    from jaxspec import api, inference, registry, tasks
+    from jaxspec.physics import WAVELENGTHS_31
+    from jaxspec.train import loop
+    name, _, workdir = spec.partition("=")
+    if workdir:
+        model, variables = api.load(workdir)
+    else:
+        model = api.create_model(name, preset="cpu")
+        if model.method.step_kind != "none":
+            raise SystemExit(f"--fusion {name}: a trained method needs NAME=WORKDIR")
+        variables = None
+    fusion_cfg = {**dict(model.config.fusion), "scale": int(scale)}
+    if dataset == "cave":
+        root = shared_data_dir() / "cave"
+        if not root.is_dir():
+            return None
+        source = [{"hsi": hsi, "bands": WAVELENGTHS_31, "name": n}
+                  for i, (n, hsi, _) in enumerate(load_cave(root, "cie1964"))
+                  if max_images is None or i < max_images]
+        cfg = model.config.replace(fusion=fusion_cfg, dataset="cave", eval_crop_border=0)
+    else:
+        cfg = model.config.replace(fusion=fusion_cfg, dataset=dataset)
+        source = loop.load_sources(cfg, [cfg.eval_split])[cfg.eval_split]
+    method = registry.get(cfg.method)
+    n_bands, _ = tasks.source_bands(source)
+    cfg = tasks.resolve_config(cfg.replace(model={k: v for k, v in cfg.model.items()
+                                                  if k != "scale"}, bands=None),
+                               method, n_bands)
+    module = method.model(cfg)
+    bundle = api.Model(method=method, config=cfg, module=module)
+    if variables is None:
+        variables = bundle.init()
+    side = tuple(method.side_inputs)
+    predict = inference.make_task_predict_fn(bundle.task, module.apply, variables,
+                                             side_inputs=side)
+    res = inference.evaluate_dataset(
+        predict, loop.eval_batches(cfg, source, method=method), stride=method.stride,
+        tile=cfg.eval_tile, overlap=max(cfg.eval_tile_overlap // scale, 1) * scale
+        if cfg.eval_tile else 0, max_images=max_images, task=bundle.task, scale=scale,
+        side_inputs=side, crop_border=loop.protocol_crop_border(cfg))
+    return {"method": spec, "scale": scale, "dataset": dataset, "num_images": res["num_images"],
+            "mean": res["mean"], "per_image": res["per_image"],
+            "degradation": fusion_cfg}
+
+
+def _fusion_md(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r]
+    if not rows:
+        return []
+    keys = ["psnr", "sam", "ergas", "uiqi", "ssim"]
+    md = ["### Fusion (HSI super-resolution) through the fusion task", "",
+          "Pairs synthesised from each HR cube (min-max normalised to [0, 1]) by the method's "
+          "`config.fusion` degradation at the given scale; metrics on the full image (PSNR peak "
+          "1, SAM degrees, ERGAS with 100/s), mean over images.", "",
+          "| method | dataset | scale | images | " + " | ".join(keys) + " |",
+          "|" + "---|" * (4 + len(keys))]
+    for r in rows:
+        md.append(f"| {r['method']} | {r['dataset']} | x{r['scale']} | {r['num_images']} | "
+                  + " | ".join(f"{r['mean'][k]:.4f}" for k in keys) + " |")
+    return md + [""]
+
+
 def _worker(args) -> int:
     res = bench_method(args.worker, args.preset, args.reps)
     print("RESULT:" + json.dumps(res))
@@ -234,11 +344,13 @@ def _md_table(rows, peak) -> str:
                     f"{r['paper_gflops_input'][0]}x{r['paper_gflops_input'][1]}"
         gp = (f"{r['gflops_paper_input']:.2f} / {r['gflops_paper_input'] / 2:.2f}"
               if "gflops_paper_input" in r else "")
+        train = ("no training (parameter-free) | - | -" if "train_crop" not in r else
+                 f"{r['train_crop']}x{r['train_batch']} | {r['train_steps_per_s']:.2f} | "
+                 f"{r['train_gflops_per_s']:.1f}")
         lines.append(
             f"| {r['method']} | {r['preset']} | {r['params']:,} | {r['gflops']:.2f} | {gp} | "
             f"{paper} | {r['infer_ms']:.1f} | {r['infer_gflops_per_s']:.1f} "
-            f"({100 * r['infer_gflops_per_s'] / peak:.0f}%) | {r['train_crop']}x"
-            f"{r['train_batch']} | {r['train_steps_per_s']:.2f} | {r['train_gflops_per_s']:.1f} "
+            f"({100 * r['infer_gflops_per_s'] / peak:.0f}%) | {train} "
             f"| {r['peak_mem_bytes'] / 2**20:.0f} MiB ({r['peak_mem_kind']}) |")
     return "\n".join(lines)
 
@@ -271,6 +383,7 @@ def _render_section(results: dict) -> list[str]:
         md.append("MRAE uses the NTIRE definition without epsilon, so scenes with zero-valued "
                   "reflectance pixels give inf; `mrae_gt>0` averages over pixels with gt > 0.")
         md.append("")
+    md += _fusion_md(results.get("fusion") or [])
     return md
 
 
@@ -306,6 +419,13 @@ def main(argv=None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cave-only", action="store_true",
                    help="only (re)score --workdir runs on CAVE; keep this backend's model rows")
+    p.add_argument("--fusion", action="append", default=[], metavar="METHOD[=WORKDIR]",
+                   help="fusion method to score on CAVE and --fusion-dataset (repeatable)")
+    p.add_argument("--scales", default="8,32", help="fusion scales, comma-separated")
+    p.add_argument("--fusion-dataset", default="spectral_scenes",
+                   help="TFDS dataset scored beside CAVE ('' = CAVE only)")
+    p.add_argument("--fusion-only", action="store_true",
+                   help="only (re)score --fusion methods; keep this backend's other rows")
     p.add_argument("--render-only", action="store_true",
                    help="re-write the markdown from bench/results_*.json (no measurements)")
     args = p.parse_args(argv)
@@ -326,10 +446,11 @@ def main(argv=None) -> int:
     for n in names:
         registry.get(n)     # unknown names fail early with the list of methods
     results_file = Path(args.out).parent / f"results_{jax.default_backend()}.json"
-    if args.cave_only:
-        if not results_file.exists():
-            raise SystemExit(f"--cave-only needs an earlier full run: {results_file} not found")
-        previous = json.loads(results_file.read_text())
+    previous = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if args.cave_only or args.fusion_only:
+        if not previous:
+            raise SystemExit(f"--cave-only/--fusion-only need an earlier full run: "
+                             f"{results_file} not found")
         peak, rows, names = previous["matmul_peak_gflops"], previous["methods"], []
     else:
         peak, rows = matmul_peak(), []
@@ -351,12 +472,24 @@ def main(argv=None) -> int:
         cave[m] = cave_metrics(path, args.srf, args.max_cave)
     if cave:
         cave["least squares"] = cave_least_squares(args.srf, args.max_cave)
+    if args.fusion_only and not cave:
+        cave = previous.get("cave") or {}
+    fusion = [] if args.fusion else list(previous.get("fusion") or [])
+    for spec in args.fusion:
+        for scale in (int(x) for x in args.scales.split(",") if x):
+            for ds in ["cave"] + ([args.fusion_dataset] if args.fusion_dataset else []):
+                r = fusion_scores(spec, scale, args.max_cave, ds)
+                if r is not None:
+                    fusion.append(r)
+                    print(json.dumps({k: r[k] for k in ("method", "dataset", "scale",
+                                                        "mean")}), flush=True)
 
     dev = jax.devices()[0]
     env = (f"jax {jax.__version__}, backend {jax.default_backend()} "
            f"({getattr(dev, 'device_kind', dev.platform)}), {os.cpu_count()} CPU cores, "
            f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
-    results = {"environment": env, "matmul_peak_gflops": peak, "methods": rows, "cave": cave}
+    results = {"environment": env, "matmul_peak_gflops": peak, "methods": rows, "cave": cave,
+               "fusion": fusion}
     results_file.write_text(json.dumps(results, indent=2))
     render(Path(args.out).parent, args.out)
     print(f"wrote {args.out}")

@@ -1,12 +1,19 @@
-"""Method registry: ``--method NAME`` -> model factory, presets, train-step kind.
+"""Method registry: ``--method NAME`` -> model factory, presets, task, train-step kind.
 
-Each ``jaxspec/models/<name>.py`` calls :func:`register` at import time; ``jaxspec.models``
-imports every method module, so ``get(name)`` sees them all.
+Each ``jaxspec/models/<module>.py`` calls :func:`register` at import time. ``get(name)``
+imports only the module of ``name`` (:data:`METHOD_MODULES`, else ``jaxspec.models.<name>``,
+else -- for modules that register several methods -- every model module, each on its own), so a
+broken model file breaks only its own methods and there is no import cycle through a package
+``__init__``.
 
-Model contract (supervised spectral reconstruction): ``model.apply(variables, rgb, train=...)``
-maps a (B, H, W, 3) float32 RGB batch to a (B, H, W, C) float32 spectral cube. Models that
-keep BatchNorm statistics put them in the ``batch_stats`` collection; models that need
-randomness at train time declare the PRNG stream names in ``rng_streams``.
+Model contract per task (see :mod:`jaxspec.tasks`): ``rgb2hsi`` ``model.apply(v, rgb, train=)``
+(B, H, W, 3) -> (B, H, W, C); ``hsi2hsi`` ``model.apply(v, hsi, train=)``; ``fusion``
+``model.apply(v, lr_hsi, hr_msi, train=)`` ((B, H/s, W/s, C), (B, H, W, M)) -> (B, H, W, C),
+plus the keyword side inputs named in ``side_inputs``. A model may return ``(output,
+aux_losses)``. Every mutable collection (``batch_stats``, codebook EMA, ...) is model state,
+trained, checkpointed and restored with the parameters; models that need randomness at train
+time declare the PRNG stream names in ``rng_streams``. ``step_kind="none"`` hosts parameter-free
+methods (no training: evaluate / predict only).
 """
 from __future__ import annotations
 
@@ -22,7 +29,15 @@ class Method:
     name: str
     make_model: Callable[[Mapping[str, Any]], Any]       # config.model -> flax.linen.Module
     presets: Mapping[str, Callable[[], Config]]            # "paper", "cpu", "smoke", ...
-    step_kind: str = "supervised"                          # engine step family
+    step_kind: str = "supervised"                          # engine step family ("none": no
+                                                           # training, parameter-free methods)
+    task: str = "rgb2hsi"                                  # jaxspec.tasks: rgb2hsi|hsi2hsi|fusion
+    side_inputs: tuple[str, ...] = ()                      # batch keys passed as keyword args
+    data_fields: Mapping[str, str] | None = None           # model option -> data quantity
+                                                           # (None: the task's default)
+    # Self-supervised loss for test-time adaptation: fn(apply_fn, variables, inputs) -> scalar,
+    # ``inputs`` the task's batch dict of one image (see jaxspec.inference.make_adapter).
+    adapt_loss: Callable[..., Any] | None = None
     rng_streams: tuple[str, ...] = ()                      # extra PRNG streams for train
     description: str = ""
     reference: str = ""                                     # citation of the paper
@@ -31,7 +46,8 @@ class Method:
     paper_gflops_input: tuple[int, int] | None = None       # input size of that FLOP figure
     stride: int = 1                                         # inputs are padded to a multiple
     # Options read by the step builder of ``step_kind`` (see ``jaxspec.train.steps``), e.g. for
-    # kind "groups": ``{"param_labels": fn(params) -> label tree, "losses": {label: loss_fn},
+    # kind "phases": ``{"phases": [steps.Phase(...), ...]}``; for kind "groups":
+    # ``{"param_labels": fn(params) -> label tree, "losses": {label: loss_fn},
     # "groups": {label: {"lr": ...} | None}}`` (None = frozen group).
     step_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -90,6 +106,14 @@ def standard_presets(config_module: str) -> dict[str, Callable[[], Config]]:
 
 _REGISTRY: dict[str, Method] = {}
 
+# Method name -> module that registers it (others: ``jaxspec.models.<name>``, then a scan).
+METHOD_MODULES: dict[str, str] = {
+    "mstpp": "jaxspec.models.mstpp",
+    "acc": "jaxspec.models.acc",
+    "ccnet": "jaxspec.models.ccnet",
+}
+_IMPORT_ERRORS: dict[str, str] = {}
+
 
 def register(method: Method) -> Method:
     """Add ``method`` to the registry (re-registering a name replaces it, so reloads work)."""
@@ -97,6 +121,8 @@ def register(method: Method) -> Method:
         raise ValueError(f"register() expects a jaxspec.registry.Method, got {type(method).__name__}")
     if method.stride < 1:
         raise ValueError(f"method {method.name!r}: stride must be >= 1, got {method.stride}")
+    from jaxspec import tasks
+    tasks.get(method.task)  # unknown task names fail at registration
     _REGISTRY[method.name] = method
     return method
 
@@ -106,17 +132,49 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+def _import(module: str) -> bool:
+    """Import ``module``; record (not raise) its error so other methods keep working."""
+    try:
+        importlib.import_module(module)
+        return True
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+        return False
+    except Exception as e:  # a broken model file must not break the other methods
+        _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+        return False
+
+
+def model_modules() -> list[str]:
+    """Every ``jaxspec.models.<name>`` module file."""
+    from pathlib import Path
+    d = Path(__file__).resolve().parent / "models"
+    return sorted(f"jaxspec.models.{p.stem}" for p in d.glob("*.py") if p.stem != "__init__")
+
+
 def _load_all() -> None:
-    importlib.import_module("jaxspec.models")
+    for module in model_modules():
+        _import(module)
 
 
 def names() -> list[str]:
+    """Every registered method (imports each model module on its own)."""
     _load_all()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> Method:
-    _load_all()
+    """The method ``name``, importing only its module when it is known."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    module = METHOD_MODULES.get(name, f"jaxspec.models.{name}")
+    _IMPORT_ERRORS.pop(module, None)
+    _import(module)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(_REGISTRY)}")
+        _load_all()
+    if name not in _REGISTRY:
+        broken = "".join(f"\n  {m}: {err}" for m, err in sorted(_IMPORT_ERRORS.items()))
+        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(_REGISTRY)}"
+                         + (f"; model modules that failed to import:{broken}" if broken else ""))
     return _REGISTRY[name]

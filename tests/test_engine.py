@@ -254,7 +254,7 @@ def _group_state(groups, config):
     params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 4, 4, 3)))["params"]
     from jaxspec.train.state import TrainState
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      batch_stats={}, rng=jax.random.PRNGKey(2), apply_fn=model.apply, tx=tx)
+                      model_state={}, rng=jax.random.PRNGKey(2), apply_fn=model.apply, tx=tx)
 
 
 def _loss_gen(apply_fn, variables, batch, rngs):

@@ -15,16 +15,15 @@ from __future__ import annotations
 from jaxspec.configs.base import CPU_BUILTIN, PAPER_ARAD1K, SMOKE, Config, make_preset
 
 # 3-level MS-SSF U-Net (31 -> 62 -> 124 channels); blocks per level calibrated to ~1.18 M params.
-MODEL = dict(in_channels=3, out_channels=31, dim=31, levels=2, num_blocks=(1, 2, 6), stages=1,
+# ``out_channels`` is filled from the dataset's band count by the engine.
+MODEL = dict(in_channels=3, dim=31, levels=2, num_blocks=(1, 2, 6), stages=1,
              recurrent=True, window=64, nl_reduction=2, use_nonlocal=True, ffn_mult=4)
 
 
 def paper() -> Config:
     return make_preset(
         "acc", "paper", MODEL, PAPER_ARAD1K, crop=64, batch_size=20, rgb_norm="div255",
-        steps=300_000, lr=2e-4,
-        extra={"augment": "flips",
-               "note": "300 epochs read as 300 x 1000 iterations (MST++ convention)"})
+        steps=300_000, lr=2e-4, augment="flips")  # 300 epochs = 300 x 1000 iterations
 
 
 def cpu() -> Config:

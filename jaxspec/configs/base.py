@@ -13,6 +13,8 @@ import types
 import typing
 from typing import Any, Mapping
 
+AUGMENTS = ("dihedral", "flips", "none")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -30,8 +32,17 @@ class Config:
     crop: int = 64
     batch_size: int = 8
     rgb_norm: str = "minmax"          # "minmax" (MST++), "none", "div255"
-    eval_crop_border: int = 0         # NTIRE 2022 protocol uses 128 on 482x512 images
-    max_eval_images: int | None = None  # periodic validation during training uses this many
+    augment: str = "dihedral"         # train crops: "dihedral" (rot90 + flips), "flips", "none"
+    bands: int | None = None          # HSI band count; None = from the dataset (filled at start)
+    # Fusion pairs synthesised from the HSI (jaxspec.data.fusion.Degradation fields: scale, psf,
+    # psf_size, sigma, srf, snr_hsi, snr_msi, protocol, ...); read by the "fusion" task only.
+    fusion: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Extra independent training streams {name: {"split": ..., "keys": [...], "seed": ...,
+    # "dataset": ..., "batch_size": ...}}: the batch becomes {name: batch_of_stream} (USSR's
+    # unpaired RGB / HSI); empty = one stream of the task's keys.
+    streams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    eval_crop_border: int | None = None  # None = the dataset builder's EVAL_CROP_BORDER (or 0)
+    max_eval_images: int | None = None  # validation (periodic and final) uses at most this many
     eval_tile: int | None = None      # tile size for full-image inference (None = whole image)
     eval_tile_overlap: int = 32       # overlap between tiles (pixels)
     eval_ensemble: bool = False       # x8 flip/transpose self-ensemble at evaluation
@@ -47,6 +58,17 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     loss: str = "mrae"
+    aux_loss_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)  # model aux
+    select_metric: str | None = None  # best-checkpoint metric; None = the task's (mrae / psnr)
+    # --- staged training, freezing, test-time adaptation ------------------------------------
+    # [{"workdir": ..., "subtree": "encoder", "target": "encoder", "which": "best"}]: params
+    # (and model state) subtrees initialised from other runs' checkpoints before step 0.
+    init_from: tuple[Mapping[str, Any], ...] = ()
+    frozen: tuple[str, ...] = ()      # regexes on '/'-joined param paths: zero updates
+    adapt_steps: int = 0              # per-image test-time optimisation steps (0 = off)
+    adapt_lr: float = 1e-4
+    adapt_optimizer: str = "adam"     # "adam" | "sgd"
+    adapt_params: tuple[str, ...] = ()  # regexes of the adapted params; () = all
     # --- bookkeeping ---------------------------------------------------------------------
     seed: int = 0
     log_every: int = 50
@@ -54,7 +76,17 @@ class Config:
     ckpt_every: int = 250
     keep_last: int = 3
     compute_dtype: str = "float32"    # "bfloat16" optional on accelerators
-    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # method-specific knobs
+
+    def __post_init__(self):
+        # JSON round trips turn tuples into lists: keep the sequence fields tuples (hashable)
+        for f in ("init_from", "frozen", "adapt_params"):
+            v = getattr(self, f)
+            if isinstance(v, str):
+                v = (v,)
+            if not isinstance(v, tuple):
+                object.__setattr__(self, f, tuple(v))
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"config.augment must be one of {AUGMENTS}, got {self.augment!r}")
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)
@@ -65,6 +97,8 @@ class Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        d.pop("extra", None)   # configs written before `extra` (read by nothing) was removed
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
@@ -115,6 +149,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return float(value)
     if hint is str:
         return str(value)
+    if origin is tuple:
+        if isinstance(value, (str, Mapping)):
+            value = (value,)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"--set {key}: expected a list, got {value!r}")
+        return tuple(value)
     if origin in (Mapping, dict) or hint in (Mapping, dict):
         if not isinstance(value, Mapping):
             raise ValueError(f"--set {key}: expected a mapping, got {value!r}")
@@ -122,12 +162,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+MAPPING_FIELDS = ("model", "fusion", "streams", "aux_loss_weights")
+
+
 def apply_overrides(config: Config, overrides: "list[str] | Mapping[str, Any]") -> Config:
     """Apply ``key=value`` strings (the CLI's ``--set``) or a mapping to ``config``.
 
     Values are typed by the :class:`Config` field annotation (``steps=100`` -> int,
     ``grad_clip=none`` -> None, ``lr=1e-4`` -> float). Dotted keys reach into the mapping fields:
-    ``model.n_feat=16`` or ``extra.lambda_adv=0.1`` (values there are parsed as Python literals).
+    ``model.n_feat=16`` or ``fusion.scale=4`` (values there are parsed as Python literals).
     Unknown keys raise ``ValueError`` naming the key and the valid ones.
     """
     hints = typing.get_type_hints(Config)
@@ -148,7 +191,7 @@ def apply_overrides(config: Config, overrides: "list[str] | Mapping[str, Any]") 
         if head not in hints:
             raise ValueError(f"unknown config key {head!r}; valid keys: {sorted(hints)}")
         if rest:
-            if head not in ("model", "extra"):
+            if head not in MAPPING_FIELDS:
                 raise ValueError(f"config key {head!r} is not a mapping; cannot set {key!r}")
             base = dict(updates.get(head, getattr(config, head)))
             base[rest] = value
@@ -161,14 +204,14 @@ def apply_overrides(config: Config, overrides: "list[str] | Mapping[str, Any]") 
 # ----------------------------------------------------------------------------- preset scaffolding
 # Settings shared by every method's presets; a method's preset states only what is its own.
 PAPER_ARAD1K = dict(  # the NTIRE 2022 / ARAD-1K protocol the RGB->HSI papers train and test on
-    dataset="arad1k", eval_crop_border=128, optimizer="adam", lr_min=1e-6, warmup_steps=0,
+    dataset="arad1k", optimizer="adam", lr_min=1e-6, warmup_steps=0,
     schedule="cosine", b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=None, loss="mrae",
     log_every=100, eval_every=1000, ckpt_every=1000)
 CPU_BUILTIN = dict(  # a few minutes on 2 CPU cores on the built-in data (linear RGB in [0, 1])
-    dataset="spectral_scenes", rgb_norm="none", eval_crop_border=0, max_eval_images=8,
+    dataset="spectral_scenes", rgb_norm="none", max_eval_images=8,
     optimizer="adam", lr_min=1e-6, schedule="cosine", b1=0.9, b2=0.999, log_every=25)
 SMOKE = dict(  # two steps, for tests
-    dataset="spectral_scenes", crop=16, batch_size=2, eval_crop_border=0, max_eval_images=2,
+    dataset="spectral_scenes", crop=16, batch_size=2, max_eval_images=2,
     steps=2, optimizer="adam", lr=2e-4, lr_min=1e-6, warmup_steps=0, schedule="cosine",
     loss="mrae", log_every=1, eval_every=2, ckpt_every=2)
 

@@ -3,6 +3,8 @@
 * Builders: :func:`load_builder_module`, :func:`list_datasets`, :func:`builder`,
   :func:`data_source` (TFDS ``array_record`` builders in ``datasets/<name>/``).
 * Pipeline: :func:`make_loader` (grain), :func:`normalize_rgb`, :func:`random_crop_augment`.
+* Fusion pairs synthesised from any HSI dataset: :mod:`jaxspec.data.fusion`
+  (:class:`~jaxspec.data.fusion.Degradation`, ``make_loader(..., fusion=...)``).
 * The built-in ``spectral_scenes`` generator: :mod:`jaxspec.data.spectra` (measured pools),
   :mod:`jaxspec.data.scenes` (seeded scene synthesis), :mod:`jaxspec.data.figures`.
 """

@@ -58,14 +58,54 @@ def _check_crop(h, w, crop, name):
                          f"{f' ({name})' if name else ''}; use a smaller crop")
 
 
-def random_crop_augment(example: dict, rng: np.random.Generator, crop: int | None,
-                        augment: bool = True, keys: Sequence[str] = _SPATIAL_KEYS) -> dict:
-    """Random ``crop``×``crop`` window + random dihedral transform, jointly for ``keys``.
+AUGMENTS = ("dihedral", "flips", "none")
 
-    The same window, ``rot90`` by k ∈ {0,1,2,3}, vertical flip and horizontal flip (each
-    p = 0.5, MST++'s ``arguement``) are applied to every spatial array in ``keys``; other
-    entries pass through.
+
+def _augment_mode(augment) -> str:
+    if augment is True:
+        return "dihedral"
+    if augment is False or augment is None:
+        return "none"
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    return augment
+
+
+def _draw_transform(rng: np.random.Generator, mode: str) -> tuple[int, bool, bool]:
+    """(k_rot90, flip_v, flip_h) for ``mode`` (dihedral draws rot90 first, then the flips)."""
+    if mode == "none":
+        return 0, False, False
+    k_rot = int(rng.integers(4)) if mode == "dihedral" else 0
+    return k_rot, bool(rng.integers(2)), bool(rng.integers(2))
+
+
+def _transform(a: np.ndarray, t: tuple[int, bool, bool]) -> np.ndarray:
+    k_rot, flip_v, flip_h = t
+    if k_rot:
+        a = np.rot90(a, k_rot, axes=(0, 1))
+    if flip_v:
+        a = a[::-1]
+    if flip_h:
+        a = a[:, ::-1]
+    return a
+
+
+def dihedral(a: np.ndarray, rng: np.random.Generator, augment="dihedral") -> np.ndarray:
+    """A random transform of (H, W, ...) ``a``: ``"dihedral"`` (rot90 + flips), ``"flips"``
+    (vertical / horizontal flips) or ``"none"``."""
+    return np.ascontiguousarray(_transform(a, _draw_transform(rng, _augment_mode(augment))))
+
+
+def random_crop_augment(example: dict, rng: np.random.Generator, crop: int | None,
+                        augment="dihedral", keys: Sequence[str] = _SPATIAL_KEYS) -> dict:
+    """Random ``crop``×``crop`` window + random transform, jointly for ``keys``.
+
+    ``augment``: ``"dihedral"`` / ``True`` (``rot90`` by k ∈ {0,1,2,3}, vertical flip and
+    horizontal flip, each p = 0.5, MST++'s ``arguement``), ``"flips"`` (the two flips only: the
+    ACC paper) or ``"none"`` / ``False``. The same window and transform are applied to every
+    spatial array in ``keys``; other entries pass through.
     """
+    mode = _augment_mode(augment)
     spatial = [k for k in keys if k in example and np.ndim(example[k]) >= 2]
     if not spatial:
         raise ValueError(f"example has none of the spatial keys {list(keys)}")
@@ -75,23 +115,14 @@ def random_crop_augment(example: dict, rng: np.random.Generator, crop: int | Non
         _check_crop(h, w, crop, _name_of(example))
         y0 = int(rng.integers(0, h - crop + 1))
         x0 = int(rng.integers(0, w - crop + 1))
-    if augment:
-        k_rot = int(rng.integers(4))
-        flip_v = bool(rng.integers(2))
-        flip_h = bool(rng.integers(2))
+    t = _draw_transform(rng, mode)
     for k in spatial:
         a = np.asarray(example[k])
         if a.shape[:2] != (h, w):
             raise ValueError(f"spatial size of {k!r} {a.shape[:2]} differs from {(h, w)}")
         if crop is not None:
             a = a[y0:y0 + crop, x0:x0 + crop]
-        if augment:
-            a = np.rot90(a, k_rot, axes=(0, 1))
-            if flip_v:
-                a = a[::-1]
-            if flip_h:
-                a = a[:, ::-1]
-        out[k] = np.ascontiguousarray(a)
+        out[k] = np.ascontiguousarray(_transform(a, t))
     return out
 
 
@@ -142,7 +173,7 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
                 start_step: int = 0, num_epochs: int | None = None, drop_remainder: bool = True,
                 worker_count: int = 0, prefetch: int = 2, keys: Sequence[str] = ("rgb", "hsi"),
                 split_kind: str | None = None, shard: tuple[int, int] | None = None,
-                ) -> Iterator[dict[str, Any]]:
+                augment="dihedral", fusion=None) -> Iterator[dict[str, Any]]:
     """Batches of numpy arrays from a random-access ``source`` (e.g. :func:`data_source`).
 
     Train (``train=True`` / ``split_kind="train"``): per-host slice ``source[i::n]`` with
@@ -155,6 +186,14 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
     Eval (``train=False`` / ``split_kind="eval"``): same sharding, no shuffle, one pass in
     source order, full images (central ``crop`` if given), batch 1 unless ``batch_size`` is
     given, ``drop_remainder`` forced False, and ``"name"`` added to ``keys``.
+
+    ``augment`` (train): ``"dihedral"`` (default), ``"flips"`` or ``"none"``.
+
+    ``fusion`` (a :class:`jaxspec.data.fusion.Degradation`): fusion pairs are synthesised from
+    ``hsi`` (+ ``bands``): train crops by :func:`jaxspec.data.fusion.train_pair` (``crop`` a
+    multiple of the scale, PSF by source index, noise from the example RNG), eval full images
+    cropped to multiples of the scale (:class:`jaxspec.data.fusion.FusionSource`, then the
+    central ``crop``); batches hold ``hsi``, ``lr_hsi``, ``hr_msi``, ``srf``, ``psf``.
 
     Returns an iterator of dicts ``{key: np.ndarray}`` with a leading batch axis.
     """
@@ -192,14 +231,32 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
     if len(source) < s_cnt:
         raise ValueError(f"source has {len(source)} examples, fewer than {s_cnt} shards")
 
+    mode = _augment_mode(augment)
+    if fusion is not None and train and crop is None:
+        raise ValueError("make_loader: fusion training needs a crop (a multiple of the scale)")
+    if fusion is not None and not train and crop is not None:
+        raise ValueError("make_loader: fusion evaluation runs on full images (crop=None)")
     ds = grain.MapDataset.source(source)
+    if fusion is not None:
+        from jaxspec.data import fusion as fusion_lib
+        if not train:
+            ds = grain.MapDataset.source(fusion_lib.FusionSource(source, fusion, seed))
+            keys = tuple(dict.fromkeys(("hsi", "lr_hsi", "hr_msi", "srf", "psf", "name")))
+        else:
+            ds = ds.map_with_index(lambda i, ex: {**ex, "_index": np.asarray(i)})
+            keys = ("hsi", "bands", "_index")
     if s_cnt > 1:
         ds = ds[s_idx::s_cnt]
     ds = ds.map(lambda ex: _select(ex, keys))
     if train:
         ds = ds.shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
-        ds = ds.random_map(lambda ex, rng: random_crop_augment(ex, rng, crop, True, keys),
-                           seed=(int(seed) + 1) % 2**32)
+        if fusion is not None:
+            ds = ds.random_map(lambda ex, rng: fusion_lib.train_pair(
+                ex, fusion, rng, crop=int(crop), seed=int(seed), augment=mode),
+                seed=(int(seed) + 1) % 2**32)
+        else:
+            ds = ds.random_map(lambda ex, rng: random_crop_augment(ex, rng, crop, mode, keys),
+                               seed=(int(seed) + 1) % 2**32)
     else:
         if num_epochs is not None and num_epochs > 1:
             ds = ds.repeat(num_epochs)

@@ -1,2 +1,3 @@
-"""One module per method; importing this package registers every method."""
-from jaxspec.models import acc, mstpp  # noqa: F401  (registration side effect)
+"""One module per method; each registers itself on import. ``jaxspec.registry.get(name)``
+imports only the module of ``name`` (no eager import here: a broken model file must not break
+the other methods)."""

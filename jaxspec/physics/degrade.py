@@ -22,7 +22,8 @@ import numpy as np
 from jaxspec.physics.render import check_finite, check_nonnegative, is_concrete, project
 
 __all__ = ["gaussian_psf", "anisotropic_gaussian_psf", "normalize_psf", "blur", "decimate",
-           "spatial_degrade", "add_noise_snr", "make_sr_pair", "filter2d", "BOUNDARIES"]
+           "spatial_degrade", "add_noise_snr", "make_sr_pair", "filter2d", "BOUNDARIES",
+           "DAEM_PSF_PARAMS", "daem_psf", "daem_degrade", "SR_PAIR_MODES"]
 
 BOUNDARIES = {"reflect": "reflect", "symmetric": "symmetric", "wrap": "wrap", "edge": "edge"}
 _HI = jax.lax.Precision.HIGHEST
@@ -50,6 +51,16 @@ def _grid(size: int) -> tuple[jax.Array, jax.Array]:
     c = jnp.arange(size, dtype=jnp.float32) - r
     yy, xx = jnp.meshgrid(c, c, indexing="ij")  # rows = y (H axis), cols = x (W axis)
     return yy, xx
+
+
+def _rotated_gaussian(yy, xx, var_u, var_v, theta) -> jax.Array:
+    """``exp(-u^2 / 2 var_u - v^2 / 2 var_v)`` normalised to sum 1, ``u = x cos + y sin``,
+    ``v = -x sin + y cos`` on the offsets ``(yy, xx)`` from the centre."""
+    u = xx * jnp.cos(theta) + yy * jnp.sin(theta)
+    v = -xx * jnp.sin(theta) + yy * jnp.cos(theta)
+    logits = -(u ** 2 / (2.0 * var_u) + v ** 2 / (2.0 * var_v))
+    h = jnp.exp(logits - jnp.max(logits))
+    return h / jnp.sum(h)
 
 
 def gaussian_psf(size: int, sigma) -> jax.Array:
@@ -80,10 +91,64 @@ def anisotropic_gaussian_psf(size: int, sigma_x, sigma_y, theta=0.0) -> jax.Arra
         raise ValueError(f"anisotropic_gaussian_psf: theta must be a scalar, got shape {th.shape}")
     check_finite(th, "theta", "anisotropic_gaussian_psf")
     yy, xx = _grid(size)
-    u = xx * jnp.cos(th) + yy * jnp.sin(th)
-    v = -xx * jnp.sin(th) + yy * jnp.cos(th)
-    logits = -(u ** 2 / (2.0 * sx ** 2) + v ** 2 / (2.0 * sy ** 2))
-    h = jnp.exp(logits - jnp.max(logits))
+    return _rotated_gaussian(yy, xx, sx ** 2, sy ** 2, th)
+
+
+#: DAEM's six ground-truth PSFs (Guo et al. CVPR 2023, ``Degradation_params/blur_kernel/{i}.mat``
+#: key ``param``): ``[lambda_1, lambda_2, theta]``, covariance eigenvalues in px^2 and the angle
+#: (rad) of the first eigenvector from the x (W) axis toward y (H).
+DAEM_PSF_PARAMS = np.array([
+    [2.34006046, 7.48942466, 1.91102791],
+    [2.36392688, 12.33899734, 0.22843255],
+    [6.30596511, 3.34026654, 3.08234704],
+    [7.95151026, 2.72944377, 2.23683665],
+    [11.16799763, 10.42737062, 2.46939577],
+    [28.0, 1.0, 3.52069801],
+], dtype=np.float64)
+DAEM_PSF_PARAMS.setflags(write=False)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _daem_clean_psf(index, size: int) -> jax.Array:
+    lam1, lam2, theta = jnp.asarray(DAEM_PSF_PARAMS, jnp.float32)[index]
+    c = jnp.arange(size, dtype=jnp.float32) - size // 2
+    yy, xx = jnp.meshgrid(c, c, indexing="ij")
+    return _rotated_gaussian(yy, xx, lam1, lam2, theta)
+
+
+def daem_psf(index, size: int = 32, rng=None, noise: float = 0.2) -> jax.Array:
+    """PSF ``index`` (0-5) of the DAEM protocol: an anisotropic Gaussian on a ``size x size``
+    grid centred at pixel ``(size // 2, size // 2)`` (not at ``(size - 1) / 2``)::
+
+        d = (x - size//2, y - size//2),   Sigma = R(theta) diag(lambda_1, lambda_2) R(theta)^T
+        h[y, x] = exp(-d^T Sigma^-1 d / 2) * (1 + n[y, x]) / Z,   sum h = 1
+
+    with ``[lambda_1, lambda_2, theta] = DAEM_PSF_PARAMS[index]``. Without ``rng``, ``n = 0``
+    (the clean kernel). With ``rng`` (a ``jax.random`` key, or a ``numpy.random.Generator``),
+    ``n ~ U(-noise, noise)`` i.i.d. per kernel pixel: the KAIR/USRNet ``gen_kernel`` style
+    that DAEM's stored kernels show (their ratio to the clean kernel spans [0.8, 1.2] times
+    a constant, std 0.115, uncorrelated between neighbours; tests/test_physics_protocols.py).
+    ``size`` is static (DAEM uses the scale factor, 32 for CAVE); ``index`` may be traced
+    (one PSF per image inside ``jit``: ``vmap(daem_psf)(indices)``). float32 ``(size, size)``.
+    """
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"daem_psf: size must be a positive integer, got {size!r}")
+    if not 0.0 <= float(noise) < 1.0:
+        raise ValueError(f"daem_psf: noise must be in [0, 1), got {noise!r}")
+    if is_concrete(index):
+        i = np.asarray(index)
+        if i.ndim != 0 or i.dtype.kind not in "iu" or not 0 <= int(i) < len(DAEM_PSF_PARAMS):
+            raise ValueError(f"daem_psf: index must be an integer in [0, {len(DAEM_PSF_PARAMS)}), "
+                             f"got {index!r}")
+    h = _daem_clean_psf(jnp.asarray(index, jnp.int32), size)
+    if rng is None or noise == 0:
+        return h
+    if isinstance(rng, np.random.Generator):
+        n = jnp.asarray(rng.uniform(-noise, noise, (size, size)), jnp.float32)
+    else:
+        n = jax.random.uniform(rng, (size, size), jnp.float32, -noise, noise)
+    h = h * (1.0 + n)
     return h / jnp.sum(h)
 
 
@@ -188,6 +253,70 @@ def spatial_degrade(x, psf, s: int, boundary: str = "reflect", offset: int = 0) 
     return decimate(blur(x, psf, boundary), s, offset)
 
 
+def _check_kernel_any(psf, fn: str) -> jax.Array:
+    """A (k, k) or (N, k, k) kernel of any size: finite, non-negative, normalised to sum 1."""
+    p = jnp.asarray(psf, jnp.float32)
+    if p.ndim not in (2, 3) or p.shape[-1] != p.shape[-2]:
+        raise ValueError(f"{fn}: psf must be square, shape (k, k) or (N, k, k), got {p.shape}")
+    check_finite(p, "psf", fn)
+    check_nonnegative(p, "psf", fn)
+    s = jnp.sum(p, axis=(-2, -1), keepdims=True)
+    if is_concrete(s) and not np.all(np.asarray(s) > 0):
+        raise ValueError(f"{fn}: psf must have a positive sum")
+    return p / s
+
+
+def daem_degrade(x, psf, scale: int) -> jax.Array:
+    """The DAEM synthesis of the LR-HSI (``DatasetSyn/DegradationProcess.py``): zero-pad by
+    ``p = (k - s) // 2`` on the top/left, then a *valid correlation* (kernel not flipped) with
+    stride ``s``::
+
+        LR[i, j, c] = sum_{u, v < k} h[u, v] X[s i + u - p, s j + v - p, c]    (X = 0 outside)
+
+    For ``k = s`` (DAEM on CAVE: k = s = 32) this is the h-weighted sum over each
+    non-overlapping s x s cell. Unlike :func:`spatial_degrade` (same-size convolution with a
+    reflected boundary, odd kernels, then decimation at a phase), any ``k >= s`` works, even
+    ``k`` included, and the border is zero. ``x``: (..., H, W, C) with H, W multiples of ``s``;
+    ``psf``: (k, k), or (N, k, k) with one kernel per image of ``x`` (N, H, W, C) (the
+    image-wise protocol). Normalised to sum 1. Differentiable w.r.t. ``x`` and ``psf``."""
+    x = jnp.asarray(x, jnp.float32)
+    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+        raise ValueError(f"daem_degrade: scale must be a positive integer, got {scale!r}")
+    if x.ndim < 3:
+        raise ValueError(f"daem_degrade: x must have shape (..., H, W, C), got {x.shape}")
+    h, w = x.shape[-3], x.shape[-2]
+    if h % scale or w % scale:
+        raise ValueError(f"daem_degrade: H, W = ({h}, {w}) must be multiples of scale = {scale}; "
+                         "crop first")
+    check_finite(x, "x", "daem_degrade")
+    p = _check_kernel_any(psf, "daem_degrade")
+    k = p.shape[-1]
+    if k < scale:
+        raise ValueError(f"daem_degrade: kernel size {k} must be >= scale {scale}")
+    if p.ndim == 3:
+        if x.ndim != 4 or p.shape[0] != x.shape[0]:
+            raise ValueError(f"daem_degrade: {p.shape[0]} kernels (psf {p.shape}) need x of shape "
+                             f"(N, H, W, C) with N = {p.shape[0]}, got {x.shape}")
+        return jax.vmap(lambda xi, pi: _daem_degrade(xi, pi, scale))(x, p)
+    return _daem_degrade(x, p, scale)
+
+
+def _daem_degrade(x, p, s: int):
+    k = p.shape[-1]
+    h, w, c = x.shape[-3:]
+    if k == s:
+        xb = x.reshape(x.shape[:-3] + (h // s, s, w // s, s, c))
+        return jnp.einsum("...iujvc,uv->...ijc", xb, p, precision=_HI)
+    lead = x.shape[:-3]
+    xb = jnp.moveaxis(x.reshape((-1, h, w, c)), -1, 1).reshape((-1, h, w, 1))  # (N*C, H, W, 1)
+    pad = (k - s) // 2
+    y = jax.lax.conv_general_dilated(
+        xb, p[:, :, None, None], (s, s), ((pad, k - s - pad), (pad, k - s - pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_HI)
+    y = y.reshape((-1, c, h // s, w // s))
+    return jnp.moveaxis(y, 1, -1).reshape(lead + (h // s, w // s, c))
+
+
 def add_noise_snr(key, x, snr_db) -> jax.Array:
     """Add white Gaussian noise at a per-band SNR (dB), per image::
 
@@ -204,8 +333,13 @@ def add_noise_snr(key, x, snr_db) -> jax.Array:
     return x + sigma * jax.random.normal(key, x.shape, jnp.float32)
 
 
+#: Spatial degradations of :func:`make_sr_pair`.
+SR_PAIR_MODES = ("same", "daem")
+
+
 def make_sr_pair(hsi, psf, scale: int, srf, *, key=None, snr_db_hsi=None, snr_db_msi=None,
-                 boundary: str = "reflect", offset: int = 0) -> tuple[jax.Array, jax.Array]:
+                 boundary: str = "reflect", offset: int = 0,
+                 mode: str = "same") -> tuple[jax.Array, jax.Array]:
     """Simulate an HSI super-resolution (fusion) pair from a high-resolution cube ``hsi``
     (..., H, W, C)::
 
@@ -215,11 +349,24 @@ def make_sr_pair(hsi, psf, scale: int, srf, *, key=None, snr_db_hsi=None, snr_db
     ``psf``: (kh, kw) or (kh, kw, C) (e.g. ``gaussian_psf(2 * scale + 1, scale / 2)``), ``srf``
     R: (C, K). Optional noise at ``snr_db_hsi`` / ``snr_db_msi`` (per band, see
     :func:`add_noise_snr`) needs ``key`` (split into two). Differentiable w.r.t. ``hsi``,
-    ``psf`` (hence ``sigma``) and ``srf``."""
+    ``psf`` (hence ``sigma``) and ``srf``.
+
+    ``mode="same"``: ``D_s`` = :func:`spatial_degrade` (odd PSF, same-size convolution with
+    ``boundary``, decimation at ``offset``). ``mode="daem"``: :func:`daem_degrade` (the DAEM
+    code's zero-padded valid correlation with stride ``scale``; any ``k >= scale``, e.g.
+    :func:`daem_psf` with ``size = scale``; ``boundary``/``offset`` must stay default)."""
     x = jnp.asarray(hsi, jnp.float32)
     if x.ndim < 3:
         raise ValueError(f"make_sr_pair: hsi must have shape (..., H, W, C), got {x.shape}")
-    lr = spatial_degrade(x, psf, scale, boundary=boundary, offset=offset)
+    if mode == "same":
+        lr = spatial_degrade(x, psf, scale, boundary=boundary, offset=offset)
+    elif mode == "daem":
+        if boundary != "reflect" or offset != 0:
+            raise ValueError("make_sr_pair: boundary/offset apply to mode='same' only; "
+                             "mode='daem' pads with zeros and has no decimation phase")
+        lr = daem_degrade(x, psf, scale)
+    else:
+        raise ValueError(f"make_sr_pair: mode must be one of {SR_PAIR_MODES}, got {mode!r}")
     hr = project(x, srf)
     if snr_db_hsi is not None or snr_db_msi is not None:
         if key is None:

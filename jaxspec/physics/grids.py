@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["WAVELENGTHS_31", "wavelength_grid", "resample", "check_wavelengths"]
+__all__ = ["WAVELENGTHS_31", "CHIKUSEI_WAVELENGTHS", "wavelength_grid", "resample",
+           "check_wavelengths"]
 
 
 def wavelength_grid(start: float, stop: float, step: float) -> np.ndarray:
@@ -34,6 +35,11 @@ def wavelength_grid(start: float, stop: float, step: float) -> np.ndarray:
 
 WAVELENGTHS_31: np.ndarray = wavelength_grid(400.0, 700.0, 10.0)
 WAVELENGTHS_31.setflags(write=False)
+
+#: Nominal band centres of the Chikusei airborne HSI (Yokoya & Iwasaki 2016): 128 bands evenly
+#: spaced over 363-1018 nm (5.16 nm). The grid of the ``daem_landsat`` SRF.
+CHIKUSEI_WAVELENGTHS: np.ndarray = np.linspace(363.0, 1018.0, 128).astype(np.float32)
+CHIKUSEI_WAVELENGTHS.setflags(write=False)
 
 
 def check_wavelengths(wl, name: str = "wavelengths") -> np.ndarray:

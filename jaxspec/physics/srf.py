@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxspec.physics.grids import WAVELENGTHS_31, check_wavelengths, resample
+from jaxspec.physics.grids import CHIKUSEI_WAVELENGTHS, WAVELENGTHS_31, check_wavelengths, resample
 
 __all__ = [
     "get_srf", "list_srfs", "register_srf", "unregister_srf", "normalize_srf", "load_srf_csv",
@@ -106,13 +106,53 @@ def _canon_5d_mk2():
     return wl, vals
 
 
+def _daem_nikon():
+    # The Nikon SRF of the HSI-MSI fusion literature, as DAEM ships it
+    # (Degradation_params/srf/Nikon_srf.mat, 31 x 3 on 400-700/10 nm). The table is a
+    # digitisation: each column is integer counts over a column total (200, 164, 209), so every
+    # column sums to 1. The file's column order is B, G, R; stored here as R, G, B.
+    b = np.r_[[5, 7, 12, 15, 23, 25, 30, 26, 24, 19, 10, 4], np.zeros(19)] / 200.0
+    g = np.r_[np.zeros(5), [1, 2, 3, 5, 7, 12, 13, 15, 16, 17, 20, 13, 11, 9, 5],
+              np.ones(8), [2, 2, 3]] / 164.0
+    r = np.r_[np.zeros(16), [1, 3, 10, 12, 13, 22, 20, 20, 18, 17, 16, 16, 14, 14, 13]] / 209.0
+    return WAVELENGTHS_31.astype(np.float64), np.stack([r, g, b], axis=1)
+
+
+# DAEM's Degradation_params/srf/landsat_srf.mat (128 x 3, key "data"): Landsat-8 OLI bands 1-3
+# (coastal 435-451, blue 452-512, green 533-590 nm) on the Chikusei grid, non-zero on bands
+# 12-47 only, each column summing to 1. (first band index, values) per column, 6 significant
+# digits; its one negative interpolation artefact (-2.4e-5, band 47) is dropped (set to 0).
+_DAEM_LANDSAT = (
+    (12, (0.000864593, 0.103597, 0.302902, 0.312543, 0.256436, 0.0236578)),
+    (14, (1.38228e-05, 0.000145513, 0.00420606, 0.0575764, 0.0803303, 0.0782889, 0.0782998,
+          0.0751152, 0.0799608, 0.0841406, 0.0864025, 0.086787, 0.0862736, 0.0863968, 0.0868366,
+          0.0290038, 0.000202207, 2.00413e-05)),
+    (29, (1.22787e-05, 0.000129131, 0.000749162, 0.00842293, 0.0611898, 0.0854384, 0.0862461,
+          0.0880527, 0.0867286, 0.0854938, 0.0860188, 0.0870651, 0.0869172, 0.0866707, 0.086607,
+          0.0582641, 0.00594714, 7.15516e-05)),
+)
+
+
+def _daem_landsat():
+    vals = np.zeros((CHIKUSEI_WAVELENGTHS.size, 3))
+    for c, (start, col) in enumerate(_DAEM_LANDSAT):
+        vals[start:start + len(col), c] = col
+    return CHIKUSEI_WAVELENGTHS.astype(np.float64), vals
+
+
 _BUILTIN: dict[str, tuple[Callable[[], tuple[np.ndarray, np.ndarray]], str]] = {
     "cie1964": (_cie1964, "CIE 1964 10-degree CMFs x,y,z used as R,G,B (NTIRE 2020 Clean convention)"),
     "cie1931": (_cie1931, "CIE 1931 2-degree CMFs x,y,z used as R,G,B"),
     "nikon_d5100": (_nikon_d5100, "Nikon D5100, NPL (Darrodi et al. 2015), colour-science"),
     "sigma_sd_merrill": (_sigma_sd_merrill, "Sigma SD Merrill, NPL, 400-680 nm, held constant above"),
     "canon_5d_mk2": (_canon_5d_mk2, "Canon EOS 5D Mark II, rawtoaces (AMPAS) via colour-science"),
+    "daem_nikon": (_daem_nikon, "Nikon SRF of the HSI-MSI fusion protocols (DAEM Nikon_srf.mat), R,G,B"),
+    "daem_landsat": (_daem_landsat, "Landsat-8 OLI bands 1-3 on the 128-band Chikusei grid "
+                                    "(DAEM landsat_srf.mat); columns coastal, blue, green"),
 }
+#: Default grid of each built-in whose native grid is not WAVELENGTHS_31 (``get_srf(name)``
+#: without ``wavelengths`` returns the curve on this grid, i.e. with its own band count).
+_DEFAULT_GRID: dict[str, np.ndarray] = {"daem_landsat": CHIKUSEI_WAVELENGTHS}
 _USER: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
@@ -156,13 +196,18 @@ def unregister_srf(name: str) -> None:
     del _USER[name]
 
 
-def get_srf(name: str, wavelengths=WAVELENGTHS_31, normalize: str | None = "sum_g") -> np.ndarray:
-    """SRF ``name`` on ``wavelengths`` as float32 ``(len(wavelengths), 3)``, columns R, G, B.
+def get_srf(name: str, wavelengths=None, normalize: str | None = "sum_g") -> np.ndarray:
+    """SRF ``name`` on ``wavelengths`` as float32 ``(len(wavelengths), 3)``, columns R, G, B
+    (for the multispectral ``daem_landsat``: OLI bands coastal, blue, green).
 
     ``S[l, c] = normalize(interp_linear(curve_c, l))`` with constant extrapolation beyond the
     measured range; see the module docstring for ``normalize`` (default ``"sum_g"``: a flat
-    unit spectrum projects to G = 1). Names: :func:`list_srfs`.
+    unit spectrum projects to G = 1). ``wavelengths=None`` is :data:`WAVELENGTHS_31`, except
+    for curves defined on another sensor's bands (``daem_landsat``: the 128-band
+    :data:`CHIKUSEI_WAVELENGTHS`). Names: :func:`list_srfs`.
     """
+    if wavelengths is None:
+        wavelengths = _DEFAULT_GRID.get(name, WAVELENGTHS_31)
     if name in _BUILTIN:
         src_wl, vals = _builtin_native(name)
     elif name in _USER:

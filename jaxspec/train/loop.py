@@ -1,24 +1,31 @@
-"""``train_and_evaluate(config, workdir)``: the training loop shared by every method.
+"""``train_and_evaluate(config, workdir)``: the training loop shared by every method and task.
 
-Order of things (big_vision / Flax-examples style):
+It is assembled from reusable pieces (each importable; the step kinds share them):
 
-1. ``config.json`` is written to the workdir (process 0); the method, model, mesh and optimiser
-   are built from the config; the state is initialised replicated over the ``('data',)`` mesh.
-2. Resume: if ``<workdir>/checkpoints/latest`` holds a checkpoint (and ``resume``), the full
-   state (params, optimiser state, batch_stats, step, rng) is restored and the data iterator
-   restarts at the saved position (``make_loader(start_step=step)``): a resumed run reproduces an
-   uninterrupted one exactly.
-3. The step (``jaxspec.train.steps``, by ``method.step_kind``) is jitted once with the state
-   donated. Each step's diagnostics are fetched one step late (so the host prepares the next
-   batch while the device computes); a non-finite loss or gradient norm stops the run with a
-   ``FloatingPointError`` before anything non-finite is checkpointed.
-4. Every ``log_every`` steps process 0 appends a line to ``metrics.jsonl`` (mean loss over the
-   window, grad/param norm, lr, steps/s); every ``eval_every`` steps a validation pass (at most
-   ``max_eval_images``) updates the best-by-MRAE checkpoint; every ``ckpt_every`` steps the full
-   state is saved asynchronously (keep last ``keep_last``). SIGTERM saves and returns.
-5. At the end: full validation of the final model (padded to the stride, optional tiles and x8
-   ensemble), the best checkpoint is chosen by validation MRAE, ``eval.json`` and figures are
-   written for it.
+1. :func:`prepare` -> :class:`Run`: the method, its task (:mod:`jaxspec.tasks`), the data
+   sources, the config resolved against the data (band count, fusion scale: a mismatch stops
+   here), model, mesh and checkpointer; ``config.json`` (the resolved config) and ``bands.json``
+   are written (process 0).
+2. :func:`init_state`: the state initialised replicated over the ``('data',)`` mesh from the
+   task's example inputs, then the ``config.init_from`` subtrees copied in from other runs'
+   checkpoints (staged training).
+3. :func:`restore`: if ``<workdir>/checkpoints/latest`` holds a checkpoint (and ``resume``), the
+   full state (params, optimiser state, model state, step, rng) is restored and the data
+   iterators restart at the saved position (``make_loader(start_step=step)``): a resumed run
+   reproduces an uninterrupted one exactly.
+4. :func:`iterate`: the step (``jaxspec.train.steps``, by ``method.step_kind``) jitted once with
+   the state donated; diagnostics fetched one step late (the host prepares the next batch while
+   the device computes); a non-finite loss or gradient norm stops the run with a
+   ``FloatingPointError`` before anything non-finite is checkpointed. At the boundaries
+   :func:`periodic`: a ``metrics.jsonl`` line every ``log_every`` steps, a validation every
+   ``eval_every`` steps that offers the best checkpoint, a full-state save every
+   ``ckpt_every`` steps (keep last ``keep_last``). SIGTERM saves and returns.
+5. :func:`final`: the final model is validated exactly like the periodic validations (same
+   images: at most ``max_eval_images``; same ``select_metric``) and offered as best; the best
+   checkpoint is then evaluated with the final-only options (x8 ensemble, test-time
+   adaptation) and ``eval.json`` and figures are written for it.
+
+``step_kind="none"`` (parameter-free methods) runs 1 and 5 only: no training, no checkpoint.
 """
 from __future__ import annotations
 
@@ -33,11 +40,12 @@ from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
+import optax
 
-from jaxspec import registry
+from jaxspec import registry, tasks as tasks_lib
 from jaxspec.configs.base import Config
 from jaxspec.train import checkpointing, sharding, steps as steps_lib
-from jaxspec.train.state import TrainState, create_train_state, param_count
+from jaxspec.train.state import TrainState, create_train_state, param_count, variables_of
 
 log = logging.getLogger("jaxspec.train")
 
@@ -69,18 +77,24 @@ def dataset_name(config: Config) -> str:
     return config.dataset + (f"/{config.dataset_config}" if config.dataset_config else "")
 
 
-def load_sources(config: Config, splits: Iterable[str]) -> dict[str, Any]:
-    """Random-access sources of ``splits`` of the config's dataset (prepared on first use)."""
+def load_sources(config: Config, splits: Iterable[str], dataset: str | None = None
+                 ) -> dict[str, Any]:
+    """Random-access sources of ``splits`` of the config's dataset (or ``dataset``
+    "name[/config]"), prepared on first use. Splits may be TFDS slices ("train[:50%]")."""
     from jaxspec import data as data_lib
-    b = data_lib.builder(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir,
-                         config=config.dataset_config)
+    name, cfg = config.dataset, config.dataset_config
+    if dataset is not None:
+        name, _, sub = dataset.partition("/")
+        cfg = sub or None
+    b = data_lib.builder(name, data_dir=config.data_dir, manual_dir=config.manual_dir,
+                         config=cfg)
     return {s: data_lib.data_source(b, s) for s in splits}
 
 
 def protocol_crop_border(config: Config) -> int:
-    """``config.eval_crop_border`` if set, else the dataset builder's ``EVAL_CROP_BORDER``
-    (e.g. 128 for ARAD-1K), else 0."""
-    if config.eval_crop_border:
+    """``config.eval_crop_border`` if set (0 included), else (None) the dataset builder's
+    ``EVAL_CROP_BORDER`` (e.g. 128 for ARAD-1K), else 0."""
+    if config.eval_crop_border is not None:
         return int(config.eval_crop_border)
     try:
         from jaxspec import data as data_lib
@@ -90,10 +104,80 @@ def protocol_crop_border(config: Config) -> int:
         return 0
 
 
-def eval_batches(config: Config, source, max_images: int | None = None):
+def _task_and_method(config: Config, method=None):
+    method = method if method is not None else registry.get(config.method)
+    return tasks_lib.of(method), method
+
+
+def _loader_keys(task) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(tuple(task.input_keys) + (task.target_key,)))
+
+
+def eval_batches(config: Config, source, max_images: int | None = None, *, method=None):
+    """Full-image evaluation batches (batch 1) of the method's task: rgb2hsi ``rgb``/``hsi``,
+    hsi2hsi ``hsi``, fusion pairs synthesised by ``config.fusion``."""
     from jaxspec import data as data_lib
+    task, method = _task_and_method(config, method)
+    deg = None
+    if task.name == "fusion":
+        from jaxspec.data import fusion as fusion_data
+        deg = fusion_data.degradation_from_config(config)
     return data_lib.make_loader(source, batch_size=1, crop=None, seed=config.seed, train=False,
-                                normalization=config.rgb_norm, keys=("rgb", "hsi"))
+                                normalization=config.rgb_norm, keys=_loader_keys(task),
+                                fusion=deg)
+
+
+def train_iterator(config: Config, task, sources, local_bs: int, start: int):
+    """The training batches from step ``start``: one stream of the task's keys, or with
+    ``config.streams`` a dict ``{stream: batch}`` of independent streams (each with its own
+    split/keys/seed/batch size; each deterministic in (seed, t), so resumable at t)."""
+    from jaxspec import data as data_lib
+    deg = None
+    if task.name == "fusion":
+        from jaxspec.data import fusion as fusion_data
+        deg = fusion_data.degradation_from_config(config)
+    common = dict(crop=config.crop, train=True, normalization=config.rgb_norm,
+                  start_step=start, augment=config.augment)
+    if not config.streams:
+        return data_lib.make_loader(sources, batch_size=local_bs, seed=config.seed,
+                                    keys=_loader_keys(task), fusion=deg, **common)
+    its = {}
+    for i, (name, spec) in enumerate(sorted(config.streams.items())):
+        spec = dict(spec)
+        bs = int(spec.get("batch_size", config.batch_size))
+        bs = local_bs if bs == config.batch_size else bs // jax.process_count()
+        its[name] = data_lib.make_loader(
+            sources[name], batch_size=bs, seed=int(spec.get("seed", config.seed + 1000 * (i + 1))),
+            keys=tuple(spec.get("keys", _loader_keys(task))),
+            fusion=deg if spec.get("fusion", False) else None, **common)
+
+    def gen():
+        while True:
+            yield {name: next(it) for name, it in its.items()}
+    return gen()
+
+
+def _stream_sources(config: Config, train_source):
+    """{stream: source} for ``config.streams`` (given dict entries win over the dataset)."""
+    given = dict(train_source) if isinstance(train_source, Mapping) else {}
+    out = {}
+    for name, spec in config.streams.items():
+        if name in given:
+            out[name] = given[name]
+            continue
+        spec = dict(spec)
+        split = spec.get("split", config.train_split)
+        out[name] = load_sources(config, [split], dataset=spec.get("dataset"))[split]
+    return out
+
+
+def shard_nested(batch: Mapping[str, Any], mesh) -> dict:
+    """:func:`sharding.shard_batch` on a batch or a dict of stream batches (``config.streams``):
+    every numeric leaf becomes a global array sharded over ``'data'``."""
+    if any(isinstance(v, Mapping) for v in batch.values()):
+        return {k: shard_nested(v, mesh) if isinstance(v, Mapping) else v
+                for k, v in batch.items() if isinstance(v, Mapping)}
+    return sharding.shard_batch(batch, mesh)
 
 
 def _is_main() -> bool:
@@ -109,102 +193,270 @@ def _finite(x) -> bool:
     return bool(np.isfinite(x))
 
 
-def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bool = True,
-                       train_source=None, eval_source=None, tensorboard: bool = False,
-                       progress: bool | None = None, final_eval: bool = True,
-                       figures: int = 2, devices=None, handle_sigint: bool = False) -> dict:
-    """Train ``config.method`` per ``config`` in ``workdir``; returns a summary dict.
+# ----------------------------------------------------------------------------- pieces
+class Run:
+    """Everything a run builds once (see :func:`prepare`)."""
 
-    ``train_source`` / ``eval_source`` (random-access sequences of example dicts with ``rgb``,
-    ``hsi``, ``name``) replace the config's dataset, e.g. for user data in a notebook.
-    Summary keys: ``step``, ``start_step``, ``preempted``, ``final_loss``, ``best_step``,
-    ``eval`` (mean validation metrics of the best checkpoint), ``params``.
-    """
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    @property
+    def trains(self) -> bool:
+        return self.method.step_kind != steps_lib.NO_TRAINING
+
+    def meta_base(self) -> dict:
+        return {"method": self.config.method, "preset": self.config.preset,
+                "dataset": dataset_name(self.config)}
+
+
+def prepare(config: Config, workdir, *, train_source=None, eval_source=None, devices=None,
+            need_train: bool = True) -> Run:
+    """Validate the config, load the data, resolve the config against it, build the model,
+    mesh and checkpointer; write ``config.json`` / ``bands.json`` (process 0)."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    method = registry.get(config.method)
-    if config.steps < 1:
-        raise ValueError(f"config.steps must be >= 1, got {config.steps}")
-    for k in ("log_every", "ckpt_every"):
-        if getattr(config, k) < 1:
-            raise ValueError(f"config.{k} must be >= 1, got {getattr(config, k)}")
-    if config.crop % method.stride:
-        raise ValueError(f"crop={config.crop} must be a multiple of the {method.name} stride "
-                         f"{method.stride}")
-    model = method.model(config)
-    mesh = sharding.make_mesh(devices)
-    local_bs = sharding.local_batch_size(config.batch_size, mesh)
-    rep = sharding.replicated(mesh)
-    main = _is_main()
-    progress = main if progress is None else (progress and main)
+    task, method = _task_and_method(config)
+    trains = method.step_kind != steps_lib.NO_TRAINING and need_train
+    if trains:
+        if config.steps < 1:
+            raise ValueError(f"config.steps must be >= 1, got {config.steps}")
+        for k in ("log_every", "ckpt_every"):
+            if getattr(config, k) < 1:
+                raise ValueError(f"config.{k} must be >= 1, got {getattr(config, k)}")
+    unit = task.unit(config, method.stride)
+    if trains and config.crop % unit:
+        what = (f"the {method.name} stride {method.stride}" if unit == method.stride else
+                f"scale x stride = {task.scale(config)} x {method.stride} of {method.name}")
+        raise ValueError(f"crop={config.crop} must be a multiple of {what}")
+    select = config.select_metric or task.select_metric
+    if select not in task.metric_names:
+        raise ValueError(f"select_metric={select!r} is not a metric of the {task.name!r} task "
+                         f"({list(task.metric_names)})")
+    tasks_lib.metric_mode(select)
 
+    # data
+    missing = []
+    if eval_source is None:
+        missing.append(config.eval_split)
+    streams = bool(config.streams)
+    if trains and train_source is None and not streams:
+        missing.append(config.train_split)
+    srcs = load_sources(config, sorted(set(missing))) if missing else {}
+    eval_source = eval_source if eval_source is not None else srcs[config.eval_split]
+    if trains:
+        if streams:
+            train_source = _stream_sources(config, train_source)
+        elif train_source is None:
+            train_source = srcs[config.train_split]
+    n_bands, bands = tasks_lib.source_bands(eval_source)
+    config = tasks_lib.resolve_config(config, method, n_bands,
+                                      where=f"dataset {dataset_name(config)!r}")
+    main = _is_main()
     if main:
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-
-    tx = steps_lib.make_optimizer_for(config, method)
-    state = create_train_state(model, tx, jax.random.PRNGKey(config.seed),
-                               (1, config.crop, config.crop, 3), out_sharding=rep)
-    n_params = param_count(state.params)
-    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep_last=config.keep_last)
-    start = 0
-    if ckpt.latest_step() is not None:
-        if not resume:
-            ckpt.close()
-            raise ValueError(f"{workdir} already holds checkpoints (latest step "
-                             f"{ckpt.latest_step()}); pass --resume or choose another --workdir")
-        tree, meta = ckpt.restore(state.to_pytree())
-        state = state.from_pytree(tree)
-        start = int(meta["data_step"])
-        log.info("resumed from step %d in %s", start, workdir)
-
-    if train_source is None or eval_source is None:
-        srcs = load_sources(config, [s for s, given in ((config.train_split, train_source),
-                                                         (config.eval_split, eval_source))
-                                     if given is None])
-        train_source = train_source if train_source is not None else srcs[config.train_split]
-        eval_source = eval_source if eval_source is not None else srcs[config.eval_split]
-
-    from jaxspec import data as data_lib
-    from jaxspec import inference
-
-    if main:
-        try:  # band centres of the data, for predict/figures
-            bands = eval_source[0].get("bands")
-        except (IndexError, KeyError, TypeError, AttributeError):
-            bands = None
         if bands is not None:
-            (workdir / "bands.json").write_text(json.dumps([float(b) for b in np.asarray(bands)]))
+            (workdir / "bands.json").write_text(json.dumps([float(b) for b in bands]))
+    model = method.model(config)
+    mesh = sharding.make_mesh(devices)
+    return Run(config=config, method=method, task=task, model=model, workdir=workdir,
+               mesh=mesh, rep=sharding.replicated(mesh), main=main,
+               train_source=train_source, eval_source=eval_source,
+               info=tasks_lib.info_from_config(config, method), select=select,
+               select_mode=tasks_lib.metric_mode(select),
+               side_inputs=tuple(method.side_inputs), scale=task.scale(config),
+               crop_border=protocol_crop_border(config),
+               predict=None)
 
-    step_fn = jax.jit(steps_lib.build_train_step(model, config, method), donate_argnums=0,
-                      out_shardings=(rep, rep))
-    apply_eval = jax.jit(lambda v, x: model.apply(v, x, train=False).astype(np.float32))
-    crop_border = protocol_crop_border(config)
 
-    def validate(st: TrainState, max_images, *, keep=0, full=False):
-        variables = st.variables
-        predict = lambda x: apply_eval(variables, x)  # noqa: E731
-        return inference.evaluate_dataset(
-            predict, eval_batches(config, eval_source), crop_border=crop_border,
-            stride=method.stride, tile=config.eval_tile, overlap=config.eval_tile_overlap,
-            ensemble=config.eval_ensemble and full, max_images=max_images, keep=keep)
+def init_state(run: Run) -> TrainState:
+    """Fresh state from the task's example inputs (train crop), then ``config.init_from``."""
+    cfg = run.config
+    tx = (steps_lib.make_optimizer_for(cfg, run.method) if run.trains
+          else optax.set_to_zero())
+    args, kwargs = run.task.example_inputs(run.info, cfg.crop, run.side_inputs)
+    state = create_train_state(run.model, tx, jax.random.PRNGKey(cfg.seed),
+                               out_sharding=run.rep, inputs=args, kwargs=kwargs)
+    if cfg.init_from:
+        state = apply_init_from(run, state)
+    return state
 
-    tb = None
-    if tensorboard and main:
-        from jaxspec.train.tensorboard import SummaryWriter
-        tb = SummaryWriter(workdir / "tensorboard")
 
-    meta_base = {"method": config.method, "preset": config.preset,
-                 "dataset": dataset_name(config)}
-    metrics_path = workdir / "metrics.jsonl"
-    pbar = None
-    if progress and start < config.steps:
-        from tqdm.auto import tqdm
-        pbar = tqdm(total=config.steps, initial=start, desc=config.method, dynamic_ncols=True)
+def _path_get(tree, path: str, what: str):
+    node = tree
+    for part in [p for p in path.split("/") if p]:
+        if not isinstance(node, Mapping) or part not in node:
+            keys = sorted(node) if isinstance(node, Mapping) else []
+            raise ValueError(f"init_from: {what} has no subtree {path!r} (at {part!r}; "
+                             f"available: {keys})")
+        node = node[part]
+    return node
 
+
+def _path_set(tree, path: str, value):
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return value
+    out = dict(tree)
+    out[parts[0]] = _path_set(tree[parts[0]], "/".join(parts[1:]), value)
+    return out
+
+
+def apply_init_from(run: Run, state: TrainState) -> TrainState:
+    """Copy ``{"workdir", "subtree" ("" = all), "target" (default = subtree), "which"
+    ("best" | "latest")}`` entries of ``config.init_from`` into the fresh state: the params
+    subtree and the same subtree of every model-state collection both runs have. Structures
+    and shapes must match (``ValueError`` otherwise); the optimiser state is re-initialised."""
+    params, mstate = state.params, dict(state.model_state)
+    for spec in run.config.init_from:
+        spec = dict(spec)
+        if "workdir" not in spec:
+            raise ValueError(f"init_from entry {spec} needs a 'workdir'")
+        sub = str(spec.get("subtree", ""))
+        target = str(spec.get("target", sub))
+        d = Path(spec["workdir"]) / "checkpoints"
+        if not checkpointing.has_checkpoint(spec["workdir"]):
+            raise FileNotFoundError(f"init_from: no checkpoint in {d}")
+        with checkpointing.Checkpointer(d, read_only=True) as ck:
+            src, _ = ck.restore_variables(which=spec.get("which", "best"))
+        for coll in ["params"] + sorted(mstate):
+            if coll != "params" and coll not in src:
+                continue
+            ours = params if coll == "params" else mstate[coll]
+            try:
+                dst = _path_get(ours, target, f"this model's {coll}")
+            except ValueError:
+                if coll == "params":
+                    raise
+                continue
+            new = _path_get(src[coll], sub, f"{spec['workdir']} {coll}")
+            s_def, d_def = jax.tree.structure(new), jax.tree.structure(dst)
+            if s_def != d_def:
+                raise ValueError(f"init_from {spec['workdir']}:{sub!r} -> {target!r}: {coll} "
+                                 f"structures differ:\n  source {s_def}\n  target {d_def}")
+            bad = [(a.shape, b.shape) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(dst))
+                   if np.shape(a) != b.shape]
+            if bad:
+                raise ValueError(f"init_from {spec['workdir']}:{sub!r}: {coll} shapes differ "
+                                 f"{bad[:3]}")
+            new = jax.tree.map(lambda a, b: jax.device_put(np.asarray(a, b.dtype), b.sharding),
+                               new, dst)
+            if coll == "params":
+                params = _path_set(params, target, new)
+            else:
+                mstate[coll] = _path_set(mstate[coll], target, new)
+        log.info("init_from: %s %r -> %r", spec["workdir"], sub, target)
+    opt_state = jax.jit(state.tx.init, out_shardings=run.rep)(params)
+    return state.replace(params=params, model_state=mstate, opt_state=opt_state)
+
+
+def make_checkpointer(run: Run) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(run.workdir / "checkpoints", keep_last=run.config.keep_last,
+                                      select_metric=run.select, select_mode=run.select_mode)
+
+
+def restore(run: Run, state: TrainState, ckpt, resume: bool = True) -> tuple[TrainState, int]:
+    """(state, start step): the latest checkpoint's full state if there is one."""
+    if ckpt.latest_step() is None:
+        return state, 0
+    if not resume:
+        step = ckpt.latest_step()
+        ckpt.close()
+        raise ValueError(f"{run.workdir} already holds checkpoints (latest step {step}); pass "
+                         f"--resume or choose another --workdir")
+    tree, meta = ckpt.restore(state.to_pytree())
+    start = int(meta["data_step"])
+    log.info("resumed from step %d in %s", start, run.workdir)
+    return state.from_pytree(tree), start
+
+
+def validate(run: Run, variables, *, full: bool = False, keep: int = 0) -> dict:
+    """Validation of ``variables`` on the eval split (at most ``max_eval_images``). ``full``
+    adds the final-only options: x8 ensemble and test-time adaptation."""
+    from jaxspec import inference
+    cfg = run.config
+    if run.predict is None:   # one jitted predict function per run (variables passed per call)
+        run.predict = inference.make_task_predict_fn(run.task, run.model.apply, None,
+                                                     side_inputs=run.side_inputs)
+    adapt = None
+    if full and cfg.adapt_steps:
+        adapter = make_run_adapter(run)
+        adapt = lambda inputs: adapter(variables, inputs)  # noqa: E731
+    res = inference.evaluate_dataset(
+        lambda d, v=None: run.predict(d, variables if v is None else v),
+        eval_batches(cfg, run.eval_source, method=run.method), crop_border=run.crop_border,
+        stride=run.method.stride, tile=cfg.eval_tile, overlap=cfg.eval_tile_overlap,
+        ensemble=cfg.eval_ensemble and full, max_images=cfg.max_eval_images, keep=keep,
+        task=run.task, scale=run.scale, side_inputs=run.side_inputs, adapt=adapt)
+    res["adapt"] = adapt_settings(cfg) if adapt is not None else None
+    return res
+
+
+def make_run_adapter(run: Run):
+    from jaxspec import inference
+    cfg = run.config
+    return inference.make_adapter(run.task, run.model.apply, run.method.adapt_loss,
+                                  steps=cfg.adapt_steps, lr=cfg.adapt_lr,
+                                  optimizer=cfg.adapt_optimizer, params=tuple(cfg.adapt_params),
+                                  side_inputs=run.side_inputs)
+
+
+def adapt_settings(config: Config) -> dict:
+    return {"steps": config.adapt_steps, "lr": config.adapt_lr,
+            "optimizer": config.adapt_optimizer, "params": list(config.adapt_params)}
+
+
+class _Logger:
+    """metrics.jsonl / TensorBoard / progress bar of process 0."""
+
+    def __init__(self, run: Run, tensorboard: bool, progress: bool, start: int):
+        self.path = run.workdir / "metrics.jsonl"
+        self.main = run.main
+        self.tb = None
+        if tensorboard and run.main:
+            from jaxspec.train.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(run.workdir / "tensorboard")
+        self.pbar = None
+        if progress and run.main and start < run.config.steps:
+            from tqdm.auto import tqdm
+            self.pbar = tqdm(total=run.config.steps, initial=start, desc=run.config.method,
+                             dynamic_ncols=True)
+
+    def write(self, step: int, record: dict, prefix: str = "") -> None:
+        if self.main:
+            _append_jsonl(self.path, {"step": step, **{f"{prefix}{k}": v
+                                                       for k, v in record.items()}})
+            if self.tb is not None:
+                self.tb.scalars(step, {f"{prefix or 'train/'}{k}": v for k, v in record.items()})
+
+    def close(self) -> None:
+        if self.pbar is not None:
+            self.pbar.close()
+            self.pbar = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def periodic(run: Run, state: TrainState, step: int, ckpt, logger: _Logger) -> None:
+    """Validation at an ``eval_every`` boundary: offer the best checkpoint, log ``val/``."""
+    res = validate(run, state.variables)
+    ckpt.save_best(step, state.variables, res["mean"], {**run.meta_base(), "step": step})
+    logger.write(step, res["mean"], "val/")
+
+
+def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
+            handle_sigint: bool = False) -> tuple[TrainState, int, bool, dict, Any]:
+    """Train from ``start`` to ``config.steps`` (see module docstring). Returns (state, step,
+    preempted, last logged record, signal number)."""
+    cfg = run.config
+    mesh = run.mesh
+    local_bs = sharding.local_batch_size(cfg.batch_size, mesh)
+    step_fn = jax.jit(steps_lib.build_train_step(run.model, cfg, run.method), donate_argnums=0,
+                      out_shardings=(run.rep, run.rep))
     window: list[dict] = []
     last_rec: dict = {}
-    last_good = {"step": start}
     pending: list[tuple[int, dict]] = []
+    pbar = logger.pbar
 
     def drain():
         """Fetch pending step diagnostics; stop on non-finite values."""
@@ -215,109 +467,133 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
                 ckpt.wait()
                 good = ckpt.latest_step()
                 ckpt.close()
-                if pbar is not None:
-                    pbar.close()
+                logger.close()
                 raise FloatingPointError(
                     f"non-finite training loss at step {s} (loss={m['loss']}, "
                     f"grad_norm={m['grad_norm']}); stopped. The last good checkpoint is step "
-                    f"{good} in {workdir / 'checkpoints'} (resume with --resume). Consider a "
-                    f"lower lr (--set lr=...), warm-up (--set warmup_steps=...) or clipping "
+                    f"{good} in {run.workdir / 'checkpoints'} (resume with --resume). Consider "
+                    f"a lower lr (--set lr=...), warm-up (--set warmup_steps=...) or clipping "
                     f"(--set grad_clip=1.0).")
             m["step"] = s
             window.append(m)
-            last_good["step"] = s
 
     preempted = False
     t_window = time.perf_counter()
     step = start
     with _Preemption(sigint=handle_sigint) as stop:
-        it = (data_lib.make_loader(train_source, batch_size=local_bs, crop=config.crop,
-                                   seed=config.seed, train=True, normalization=config.rgb_norm,
-                                   start_step=start)
-              if start < config.steps else iter(()))
-        while step < config.steps:
-            batch = sharding.shard_batch(next(it), mesh)
+        it = (train_iterator(cfg, run.task, run.train_source, local_bs, start)
+              if start < cfg.steps else iter(()))
+        while step < cfg.steps:
+            batch = shard_nested(next(it), mesh)
             state, m = step_fn(state, batch)
             drain()                               # previous step's diagnostics (one-step lag)
             step += 1
             pending.append((step, m))
             if pbar is not None:
                 pbar.update(1)
-            boundary_log = step % config.log_every == 0 or step == config.steps
-            boundary_eval = bool(config.eval_every) and step % config.eval_every == 0 \
-                and step < config.steps
-            boundary_ckpt = step % config.ckpt_every == 0 or step == config.steps or stop.flag
+            boundary_log = step % cfg.log_every == 0 or step == cfg.steps
+            boundary_eval = bool(cfg.eval_every) and step % cfg.eval_every == 0 \
+                and step < cfg.steps
+            boundary_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop.flag
             if boundary_log or boundary_eval or boundary_ckpt:
                 drain()
             if boundary_log and window:
                 dt = time.perf_counter() - t_window
-                rec = {"step": step,
-                       **{k: float(np.mean([w[k] for w in window])) for k in window[0]
-                          if k != "step"},
-                       "steps_per_sec": len(window) / dt if dt > 0 else float("nan")}
+                rec = {k: float(np.mean([w[k] for w in window])) for k in window[0]
+                       if k != "step"}
+                rec["steps_per_sec"] = len(window) / dt if dt > 0 else float("nan")
                 rec["lr"] = window[-1]["lr"]
-                last_rec.clear()
-                last_rec.update(rec)
-                if main:
-                    _append_jsonl(metrics_path, rec)
-                    if tb is not None:
-                        tb.scalars(step, {f"train/{k}": v for k, v in rec.items() if k != "step"})
+                last_rec = {"step": step, **rec}
+                logger.write(step, rec)
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['steps_per_sec']:.2f}")
                 window.clear()
                 t_window = time.perf_counter()
             if boundary_ckpt:
-                ckpt.save(step, state.to_pytree(), {**meta_base, "data_step": step,
-                                                    "config": config.to_dict()})
+                ckpt.save(step, state.to_pytree(), {**run.meta_base(), "data_step": step,
+                                                    "config": cfg.to_dict()})
             if boundary_eval:
-                res = validate(state, config.max_eval_images)
-                ckpt.save_best(step, {"params": state.params, "batch_stats": state.batch_stats},
-                               res["mean"], {**meta_base, "step": step})
-                if main:
-                    _append_jsonl(metrics_path, {"step": step, **{f"val/{k}": v for k, v in
-                                                                  res["mean"].items()}})
-                    if tb is not None:
-                        tb.scalars(step, {f"val/{k}": v for k, v in res["mean"].items()})
+                periodic(run, state, step, ckpt, logger)
                 t_window = time.perf_counter()
             if stop.flag:
                 preempted = True
                 break
     drain()
-    if pbar is not None:
-        pbar.close()
-    ckpt.wait()
-    summary: dict[str, Any] = {"step": step, "start_step": start, "preempted": preempted,
-                               "params": n_params, "final_loss": last_rec.get("loss")}
-    if preempted:
-        log.warning("received signal %s: saved step %d to %s", stop.signum, step, workdir)
-        ckpt.close()
-        if tb is not None:
-            tb.close()
-        return summary
+    return state, step, preempted, last_rec, stop.signum
 
-    if final_eval:
-        res = validate(state, None, keep=figures, full=True)
-        ckpt.save_best(step, {"params": state.params, "batch_stats": state.batch_stats},
-                       res["mean"], {**meta_base, "step": step})
+
+def final(run: Run, state: TrainState, step: int, ckpt, logger: _Logger, *,
+          figures: int = 2) -> dict:
+    """Final selection and evaluation (see module docstring); writes ``eval.json``."""
+    cfg = run.config
+    has_final_options = bool(cfg.eval_ensemble or cfg.adapt_steps)
+    best = None
+    variables = state.variables
+    if ckpt is not None:
+        res = validate(run, variables, keep=0 if has_final_options else figures)
+        ckpt.save_best(step, variables, res["mean"], {**run.meta_base(), "step": step})
         ckpt.wait()
         best = ckpt.best_step()
         if best is not None and best != step:
-            variables, _ = ckpt.restore_variables(
-                {"params": state.params, "batch_stats": state.batch_stats})
-            res = validate(state.replace(params=variables["params"],
-                                         batch_stats=variables["batch_stats"]),
-                           None, keep=figures, full=True)
-        summary.update(best_step=best, eval=res["mean"])
-        if main:
-            from jaxspec.train import report
-            report.write_eval_json(workdir / "eval.json", res, method=config.method,
-                                   dataset=dataset_name(config), split=config.eval_split,
-                                   step=best, checkpoint="best", params=n_params)
-            if figures and res["examples"]:
-                report.save_figures(workdir / "figures", res["examples"])
-            if tb is not None:
-                tb.scalars(step, {f"final/{k}": v for k, v in res["mean"].items()})
+            variables, _ = ckpt.restore_variables(variables)
+            res = None
+        if res is None or has_final_options:
+            res = validate(run, variables, full=True, keep=figures)
+    else:
+        res = validate(run, variables, full=True, keep=figures)
+    if run.main:
+        from jaxspec.train import report
+        report.write_eval_json(run.workdir / "eval.json", res, method=cfg.method,
+                               dataset=dataset_name(cfg), split=cfg.eval_split, step=best,
+                               checkpoint="best" if ckpt is not None else "none",
+                               params=param_count(state.params), task=run.task.name,
+                               select_metric=run.select, adapt=res.get("adapt"))
+        if figures and res["examples"]:
+            report.save_figures(run.workdir / "figures", res["examples"])
+        if logger.tb is not None:
+            logger.tb.scalars(step, {f"final/{k}": v for k, v in res["mean"].items()})
+    return {"best_step": best, "eval": res["mean"]}
+
+
+def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bool = True,
+                       train_source=None, eval_source=None, tensorboard: bool = False,
+                       progress: bool | None = None, final_eval: bool = True,
+                       figures: int = 2, devices=None, handle_sigint: bool = False) -> dict:
+    """Train ``config.method`` per ``config`` in ``workdir``; returns a summary dict.
+
+    ``train_source`` / ``eval_source`` (random-access sequences of example dicts with the
+    task's keys -- ``rgb``, ``hsi``, ``bands``, ``name`` -- or for ``config.streams`` a dict
+    ``{stream: source}``) replace the config's dataset, e.g. for user data in a notebook.
+    Summary keys: ``step``, ``start_step``, ``preempted``, ``final_loss``, ``best_step``,
+    ``eval`` (mean validation metrics of the best checkpoint), ``params``.
+    """
+    run = prepare(config, workdir, train_source=train_source, eval_source=eval_source,
+                  devices=devices)
+    state = init_state(run)
+    summary: dict[str, Any] = {"params": param_count(state.params)}
+    if not run.trains:   # parameter-free: evaluate only
+        logger = _Logger(run, tensorboard, False, 0)
+        summary.update(step=0, start_step=0, preempted=False, final_loss=None)
+        if final_eval:
+            summary.update(final(run, state, 0, None, logger, figures=figures))
+        logger.close()
+        return summary
+    ckpt = make_checkpointer(run)
+    state, start = restore(run, state, ckpt, resume)
+    progress = run.main if progress is None else (progress and run.main)
+    logger = _Logger(run, tensorboard, progress, start)
+    state, step, preempted, last_rec, signum = iterate(run, state, start, ckpt, logger,
+                                                       handle_sigint=handle_sigint)
+    if logger.pbar is not None:
+        logger.pbar.close()
+        logger.pbar = None
+    ckpt.wait()
+    summary.update(step=step, start_step=start, preempted=preempted,
+                   final_loss=last_rec.get("loss"))
+    if preempted:
+        log.warning("received signal %s: saved step %d to %s", signum, step, run.workdir)
+    elif final_eval:
+        summary.update(final(run, state, step, ckpt, logger, figures=figures))
     ckpt.close()
-    if tb is not None:
-        tb.close()
+    logger.close()
     return summary

@@ -10,6 +10,10 @@
   ``optax.multi_transform`` with one optimiser per group (each group may override ``lr``,
   ``optimizer``, ``weight_decay``, ...) and ``optax.set_to_zero()`` for frozen groups
   (``groups[label] = None``): frozen codebooks, G/D, EM or test-time masked updates.
+* Freezing: ``with_frozen(tx, patterns)`` gives the parameters whose path matches one of the
+  regexes exactly zero updates (``optax.multi_transform`` with ``set_to_zero``: they stay
+  bitwise unchanged and keep no optimiser state); ``config.frozen`` applies it to every step
+  kind (``jaxspec.train.steps.make_optimizer_for``).
 """
 from __future__ import annotations
 
@@ -105,3 +109,31 @@ def make_optimizer(config: Config, *, param_labels: Any | Callable[[Any], Any] |
         return tx.init(params)
 
     return optax.GradientTransformationExtraArgs(init, tx.update)
+
+
+FROZEN_LABEL, TRAIN_LABEL = "frozen", "train"
+
+
+def frozen_labels(params: Any, patterns: Sequence[str]) -> Any:
+    """``"frozen"`` for leaves whose path matches one of ``patterns``, else ``"train"``."""
+    return label_params(params, [(p, FROZEN_LABEL) for p in patterns], default=TRAIN_LABEL)
+
+
+def with_frozen(tx: optax.GradientTransformation, patterns: Sequence[str]
+                ) -> optax.GradientTransformation:
+    """``tx`` on the trainable parameters, exactly zero updates on those matching
+    ``patterns`` (no-op for an empty list). A pattern that matches nothing is an error at
+    ``init`` (a typo must not silently train everything)."""
+    patterns = tuple(patterns or ())
+    if not patterns:
+        return tx
+    labels = lambda params: frozen_labels(params, patterns)  # noqa: E731
+    inner = optax.multi_transform({TRAIN_LABEL: tx, FROZEN_LABEL: optax.set_to_zero()}, labels)
+
+    def init(params):
+        used = set(jax.tree.leaves(labels(params)))
+        if FROZEN_LABEL not in used:
+            raise ValueError(f"config.frozen={list(patterns)} matches no parameter path")
+        return inner.init(params)
+
+    return optax.GradientTransformationExtraArgs(init, inner.update)

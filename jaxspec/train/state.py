@@ -1,4 +1,9 @@
-"""Training state: a pytree of (step, params, opt_state, batch_stats, rng).
+"""Training state: a pytree of (step, params, opt_state, model_state, rng).
+
+``model_state`` maps every mutable Flax collection of the model other than ``params``
+(``batch_stats``, codebook EMA statistics, ...) to its tree; it is updated by the train steps
+(``mutable=list(model_state)``), checkpointed and restored with the rest, and merged into the
+variables for ``model.apply`` (:attr:`TrainState.variables`).
 
 ``rng`` is a raw ``uint32[2]`` key (``jax.random.PRNGKey``) so the state checkpoints as plain
 arrays; step ``t`` derives its randomness as ``fold_in(rng, t)``, so a resumed run draws the
@@ -14,23 +19,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+STATE_KEYS = ("step", "params", "opt_state", "model_state", "rng")
+
 
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: Any
-    batch_stats: Any           # {} for models without BatchNorm
+    model_state: Any           # {collection: tree}; {} for models without mutable state
     rng: jax.Array
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @property
+    def batch_stats(self):
+        """The ``batch_stats`` collection ({} if the model has none)."""
+        return self.model_state.get("batch_stats", {})
+
+    @property
     def variables(self) -> dict:
-        """Variables for ``model.apply`` (params, plus batch_stats when the model has them)."""
-        v = {"params": self.params}
-        if self.batch_stats:
-            v["batch_stats"] = self.batch_stats
-        return v
+        """Variables for ``model.apply``: params plus every non-empty model-state collection."""
+        return variables_of(self.params, self.model_state)
 
     def apply_gradients(self, grads, **changes) -> "TrainState":
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -40,33 +49,48 @@ class TrainState(flax.struct.PyTreeNode):
     def to_pytree(self) -> dict:
         """What a checkpoint stores."""
         return {"step": self.step, "params": self.params, "opt_state": self.opt_state,
-                "batch_stats": self.batch_stats, "rng": self.rng}
+                "model_state": self.model_state, "rng": self.rng}
 
     def from_pytree(self, tree: dict) -> "TrainState":
-        return self.replace(**{k: tree[k] for k in
-                               ("step", "params", "opt_state", "batch_stats", "rng")})
+        return self.replace(**{k: tree[k] for k in STATE_KEYS})
 
 
-def init_variables(model, rng, input_shape) -> dict:
-    """``model.init`` on a zero RGB batch of ``input_shape`` (B, H, W, 3), train=False."""
+def variables_of(params, model_state) -> dict:
+    v = {"params": params}
+    v.update({k: c for k, c in (model_state or {}).items() if c})
+    return v
+
+
+def split_variables(variables) -> tuple[Any, dict]:
+    """Flax variables -> (params, {collection: tree}) (empty params for parameter-free models)."""
+    variables = dict(variables)
+    params = variables.pop("params", {})
+    return params, variables
+
+
+def init_variables(model, rng, input_shape=None, *, inputs=None, kwargs=None) -> dict:
+    """``model.init(..., train=False)`` on zero inputs: ``inputs`` (a tuple of arrays, e.g.
+    :meth:`jaxspec.tasks.Task.example_inputs`) or one zero batch of ``input_shape``."""
     params_rng, dropout_rng = jax.random.split(rng)
-    return model.init({"params": params_rng, "dropout": dropout_rng},
-                      jnp.zeros(input_shape, jnp.float32), train=False)
+    if inputs is None:
+        inputs = (jnp.zeros(input_shape, jnp.float32),)
+    return model.init({"params": params_rng, "dropout": dropout_rng}, *inputs, train=False,
+                      **dict(kwargs or {}))
 
 
-def create_train_state(model, tx: optax.GradientTransformation, rng, input_shape,
-                       out_sharding=None) -> TrainState:
-    """Initialise params / batch_stats / optimiser state under ``jit`` (placed by
-    ``out_sharding``, e.g. replicated over the data mesh)."""
+def create_train_state(model, tx: optax.GradientTransformation, rng, input_shape=None,
+                       out_sharding=None, *, inputs=None, kwargs=None) -> TrainState:
+    """Initialise params / model state / optimiser state under ``jit`` (placed by
+    ``out_sharding``, e.g. replicated over the data mesh). Inputs as for
+    :func:`init_variables`."""
     rng = jnp.asarray(rng, jnp.uint32)
     init_rng, state_rng = jax.random.split(rng)
 
     def init(init_rng, state_rng):
-        variables = init_variables(model, init_rng, input_shape)
-        params = variables["params"]
+        variables = init_variables(model, init_rng, input_shape, inputs=inputs, kwargs=kwargs)
+        params, model_state = split_variables(variables)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          batch_stats=variables.get("batch_stats", {}), rng=state_rng,
-                          apply_fn=model.apply, tx=tx)
+                          model_state=model_state, rng=state_rng, apply_fn=model.apply, tx=tx)
 
     fn = jax.jit(init, out_shardings=out_sharding) if out_sharding is not None else jax.jit(init)
     return fn(init_rng, state_rng)
