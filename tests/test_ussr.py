@@ -544,9 +544,9 @@ def test_presets_and_ablation_rows():
     from jaxspec.configs import ussr as C
     for preset in (C.paper, C.cpu, C.smoke):
         cfg = preset()
-        assert cfg.method == "ussr" and dict(cfg.model) == C.MODEL
+        assert cfg.method == "ussr" and {**cfg.model, "dw_impl": "auto"} == {**C.MODEL, "dw_impl": "auto"}
         assert C.loss_weights(cfg) == U.LossWeights()              # code weights by default
-        assert cfg.extra["rgb_split"] != cfg.extra["hsi_split"]     # unpaired, disjoint scenes
+        assert cfg.streams["rgb"]["split"] != cfg.streams["hsi"]["split"]   # disjoint scenes
     assert C.paper().batch_size == 24 and C.paper().steps == 50 * 208
     cfg = C.cpu()
     first = C.loss_weights(C.ablation(cfg, "adversarial"))
@@ -557,10 +557,15 @@ def test_presets_and_ablation_rows():
     assert [r[0] for r in C.ABLATION_LADDER][-1] == "+S_sem"
     with pytest.raises(ValueError, match="ablation row"):
         C.ablation(cfg, "+S_everything")
-    with pytest.raises(ValueError, match="extra.loss"):
-        C.loss_weights(cfg.replace(extra={**cfg.extra, "loss": "mse"}))
-    model = U.USSR(**{**C.MODEL, "srf_dictionary": "builtin"})
-    assert model.n_classes == 13
+    with pytest.raises(ValueError, match="model.loss"):
+        C.loss_weights(cfg.replace(model={**cfg.model, "loss": "mse"}))
+    from jaxspec import registry
+    method = registry.get("ussr")
+    assert method.step_kind == "phases"
+    assert [p.name for p in method.step_options["phases"]] == ["dis", "gen", "sem"]
+    model = method.model(C.ablation(cfg, "+S_bp").replace(
+        model={**C.ablation(cfg, "+S_bp").model, "srf_dictionary": "builtin"}))
+    assert model.apply({}, method=U.USSR.loss_weights) == C.loss_weights(C.ablation(cfg, "+S_bp"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,16 +1,15 @@
 """USSR presets (paper / cpu / smoke), the Table 3 ablation ladder and the Table 5 GAN
 regularisers. The architecture (``MODEL``) is the same in every preset.
 
-Method-specific knobs live in ``extra``:
-
-* ``loss``: "code" (default; the authors' code weights) or "paper" (Eq. 8-13), plus
-  ``loss_overrides`` ({field of jaxspec.models.ussr.LossWeights: value}, e.g. an ablation row);
-* optimisers (methods.md §4 (b)): ``lr_gen`` 1e-4 (Adam, G + M), ``lr_dis`` 5e-4 (Adam, D),
-  ``lr_sem`` 1e-3, ``sem_momentum`` 0.9, ``sem_wd`` 1e-4, ``sem_poly`` 0.9 (SGD + poly, E2 + SE);
-* unpaired streams: the RGB (+ label) stream reads ``rgb_split`` of the dataset, the HSI stream
-  ``hsi_split`` -- different scenes; on ``spectral_scenes`` the two halves of ``train``
-  (``train[:50%]`` / ``train[50%:]``), so no RGB image has its own cube among the real cubes;
-* ``segmenter_steps``: steps of E1 pre-training on the RGB stream's labels (``fit_segmenter``).
+* ``model.loss``: "code" (default; the authors' code weights) or "paper" (Eq. 8-13), plus
+  ``model.loss_overrides`` ({field of jaxspec.models.ussr.LossWeights: value}, e.g. an ablation
+  row); the phase losses read them from the model (``USSR.loss_weights``);
+* ``streams``: the RGB (+ material label) stream reads ``train[:50%]``, the HSI stream
+  ``train[50%:]`` of the dataset -- different scenes, so no RGB image has its own cube among the
+  real cubes; the engine's batch is ``{"rgb": {"rgb", "label"}, "hsi": {"hsi"}}``;
+* optimisers (methods.md §4 (b), implemented by ``ussr.engine_phases``): run lr 1e-4 (Adam,
+  G + M), D Adam 5e-4, E1 + E2 + SE SGD 1e-3 momentum 0.9; ``OPTIM`` records the authors'
+  values (``ussr.make_optimizers`` takes them as keywords).
 
 * ``paper`` -- batch 24, 128x128 crops, 50 epochs x 208 iterations = 10,400 iterations,
   constant learning rates; the data sources of the paper (PASCAL-Context RGB, ICVL HSI) are not
@@ -24,11 +23,12 @@ from __future__ import annotations
 from jaxspec.configs.base import CPU_BUILTIN, SMOKE, Config, make_preset
 
 MODEL = dict(bands=31, stages=4, srf_dictionary="auto", n_classes=13, segmenter_width=32,
-             segmenter_blocks=3, sem_clip_scale=2.0)
+             segmenter_blocks=3, sem_clip_scale=2.0, loss="code", loss_overrides={})
 
 OPTIM = dict(lr_gen=1e-4, lr_dis=5e-4, lr_sem=1e-3, sem_momentum=0.9, sem_wd=1e-4,
              sem_poly=0.9)
-STREAMS = dict(rgb_split="train[:50%]", hsi_split="train[50%:]")
+STREAMS = {"rgb": {"split": "train[:50%]", "keys": ["rgb", "label"], "seed": 1},
+           "hsi": {"split": "train[50%:]", "keys": ["hsi"], "seed": 2}}
 
 #: Table 3 of the paper (ICVL PSNR / ASSIM / SAM of each row), as LossWeights overrides.
 ABLATION_LADDER = (
@@ -47,42 +47,36 @@ REGULARISERS = (
 )
 
 
-def _extra(**kw):
-    return {"loss": "code", "loss_overrides": {}, **OPTIM, **STREAMS, "segmenter_steps": 300,
-            **kw}
-
-
 def paper() -> Config:
     return make_preset(
         "ussr", "paper", MODEL, CPU_BUILTIN, crop=128, batch_size=24, steps=50 * 208,
         schedule="constant", lr=OPTIM["lr_gen"], max_eval_images=None, eval_every=208,
-        ckpt_every=208, log_every=20,
-        extra=_extra(segmenter_steps=2000,
-                     note="paper: PASCAL-Context RGB + ICVL HSI; here spectral_scenes halves"))
+        ckpt_every=208, log_every=20, streams=STREAMS)
 
 
 def cpu() -> Config:
     return make_preset("ussr", "cpu", MODEL, CPU_BUILTIN, crop=32, batch_size=4, steps=300,
                        schedule="constant", lr=OPTIM["lr_gen"], eval_every=100, ckpt_every=100,
-                       extra=_extra())
+                       streams=STREAMS)
 
 
 def smoke() -> Config:
-    return make_preset("ussr", "smoke", MODEL, SMOKE, schedule="constant", lr=OPTIM["lr_gen"],
-                       rgb_norm="none", extra=_extra(segmenter_steps=2))
+    # grouped-conv depthwise (same parameters and outputs): XLA:CPU compiles it ~2x faster
+    return make_preset("ussr", "smoke", {**MODEL, "dw_impl": "lax"}, SMOKE, schedule="constant", lr=OPTIM["lr_gen"],
+                       rgb_norm="none", streams=STREAMS)
 
 
 def loss_weights(config: Config):
-    """``LossWeights`` of a config: ``extra.loss`` ("code" | "paper") with
-    ``extra.loss_overrides`` applied."""
+    """``LossWeights`` of a config: ``model.loss`` ("code" | "paper") with
+    ``model.loss_overrides`` applied (what the phase losses read from the model)."""
     from jaxspec.models.ussr import LossWeights
 
-    extra = dict(config.extra)
-    kind = extra.get("loss", "code")
+    model = dict(config.model)
+    kind = model.get("loss", "code")
     if kind not in ("code", "paper"):
-        raise ValueError(f"ussr: extra.loss must be 'code' or 'paper', got {kind!r}")
+        raise ValueError(f"ussr: model.loss must be 'code' or 'paper', got {kind!r}")
     base = LossWeights.code if kind == "code" else LossWeights.paper
-    return base(**dict(extra.get("loss_overrides", {})))
+    return base(**dict(model.get("loss_overrides") or {}))
 
 
 def ablation(config: Config, row: str) -> Config:
@@ -91,5 +85,5 @@ def ablation(config: Config, row: str) -> Config:
     table = {name: over for name, over, _ in ABLATION_LADDER + REGULARISERS}
     if row not in table:
         raise ValueError(f"unknown USSR ablation row {row!r}; rows: {sorted(table)}")
-    return config.replace(extra={**dict(config.extra), "loss": "paper",
-                                 "loss_overrides": dict(table[row]), "ablation": row})
+    return config.replace(model={**dict(config.model), "loss": "paper",
+                                 "loss_overrides": dict(table[row])})

@@ -607,6 +607,8 @@ class USSR(nn.Module):
     * ``init_all(rgb, hsi)``: creates every sub-network (use as ``init(..., method=...)``).
 
     ``srf_dictionary``: see :func:`load_srf_dictionary` (``"auto"`` | ``"builtin"`` | a path).
+    ``loss`` / ``loss_overrides``: the training objective (:meth:`loss_weights`); not used by
+    the forward pass.
     ``n_classes = 0`` removes the semantic branch (``E1``/``extractor`` are not created).
     """
     bands: int = 31
@@ -617,6 +619,8 @@ class USSR(nn.Module):
     segmenter_blocks: int = 3
     sem_clip_scale: float = 2.0
     dw_impl: str = "auto"
+    loss: str = "code"
+    loss_overrides: tuple = ()
 
     def setup(self):
         d = load_srf_dictionary(self.srf_dictionary)
@@ -641,7 +645,20 @@ class USSR(nn.Module):
         return {"hsi": hsi, "residual": res, "srf": srf, "weights": w}
 
     def __call__(self, rgb: Array, train: bool = False) -> Array:
-        return self.reconstruct(rgb, train)["hsi"]
+        hsi = self.reconstruct(rgb, train)["hsi"]
+        if self.is_initializing():           # the engine initialises through __call__
+            self.discriminate(discriminator_input(hsi))
+            if self.n_classes > 0:
+                self.semantic(rgb, hsi)
+        return hsi
+
+    def loss_weights(self) -> "LossWeights":
+        """The objective this model is trained with (``loss`` "code" | "paper", then the
+        ``loss_overrides`` pairs): read by the phase losses, so a config selects it."""
+        base = LossWeights.code if self.loss == "code" else LossWeights.paper
+        if self.loss not in ("code", "paper"):
+            raise ValueError(f"USSR: loss must be 'code' or 'paper', got {self.loss!r}")
+        return base(**dict(self.loss_overrides))
 
     def discriminate(self, hsi_normalised: Array, train: bool = False) -> Array:
         return self.dishsi(hsi_normalised, train)
@@ -1132,22 +1149,39 @@ def _merge_state(variables, new):
     return {**variables, **new} if new else variables
 
 
-def make_phase_losses(weights: LossWeights = LossWeights(), *, rgb_key: str = "rgb",
-                      hsi_key: str = "hsi_real", label_key: str = "label",
+def _get(batch, key):
+    """``batch[key]`` or, for a tuple key, the nested ``batch[k0][k1]`` (engine streams)."""
+    if isinstance(key, tuple):
+        for k in key:
+            batch = batch[k]
+        return batch
+    return batch[key]
+
+
+def make_phase_losses(weights: LossWeights | None = None, *, rgb_key: Any = "rgb",
+                      hsi_key: Any = "hsi_real", label_key: Any = "label",
                       semantic: bool = True) -> dict[str, Callable]:
     """Losses of one USSR iteration as ``loss(apply_fn, variables, batch, rngs) -> (loss, aux)``
     (the engine's phase-loss signature; ``aux["model_state"]`` holds updated BatchNorm stats).
+    Keys may be tuples for nested batches (``("rgb", "rgb")`` = stream "rgb", key "rgb").
+    ``weights=None`` takes the model's own :meth:`USSR.loss_weights` (its ``loss`` options).
 
-    * ``"dis"``: L_D on ``D(Y_fake / mean|Y_fake|)`` (the generator output on ``batch[rgb_key]``,
+    * ``"dis"``: L_D on ``D(Y_fake / mean|Y_fake|)`` (the generator output on the RGB batch,
       gradient stopped: the code discards D's gradient to G in the D step) and
-      ``D(Y_r / mean Y_r)`` for the unpaired real cubes ``batch[hsi_key]``; BatchNorm in
-      training mode on each of the two batches separately, as the code's two calls; plus the
-      gradient penalty of ``weights.gp``.
-    * ``"gen"``: L_G (Eq. 8 with ``weights``) through the L1-clipped fake; the discriminator runs
-      in training mode (batch statistics) as in the code; the semantic term uses the material
-      ``batch[label_key]`` (B, H, W). Its gradient trains G + M (and E2 + SE, whose parameters
-      the ``"sem"`` optimiser group updates in the same step).
+      ``D(Y_r / mean Y_r)`` for the unpaired real cubes; BatchNorm in training mode on each of
+      the two batches separately, as the code's two calls; plus the gradient penalty of
+      ``weights.gp``.
+    * ``"gen"``: L_G (Eq. 8) through the L1-clipped fake; the discriminator runs in training
+      mode (batch statistics) as in the code; the semantic term uses the material labels
+      (B, H, W), E1 in inference mode. Its gradient trains G + M (and E2 + SE, whose parameters
+      the ``"sem"`` optimiser group of :func:`make_optimizers` updates in the same step).
+    * ``"sem"``: the semantic cross-entropy alone on the (stopped) generator output, E1 and
+      E2 + SE in training mode: for step drivers that give each phase one optimiser (the
+      engine's ``phases``), where E1 + E2 + SE are then trained after the G update.
     """
+    def wts(apply_fn, variables):
+        return weights if weights is not None else apply_fn(variables, method=USSR.loss_weights)
+
     def reconstruct(apply_fn, variables, rgb):
         return apply_fn(variables, rgb, True, method=USSR.reconstruct)
 
@@ -1157,38 +1191,51 @@ def make_phase_losses(weights: LossWeights = LossWeights(), *, rgb_key: str = "r
         return logits, upd
 
     def dis_loss(apply_fn, variables, batch, rngs):
-        fake = jax.lax.stop_gradient(reconstruct(apply_fn, variables, batch[rgb_key])["hsi"])
-        real = batch[hsi_key]
+        w = wts(apply_fn, variables)
+        fake = jax.lax.stop_gradient(reconstruct(apply_fn, variables, _get(batch, rgb_key))["hsi"])
+        real = _get(batch, hsi_key)
         fake_n, real_n = discriminator_input(fake), discriminator_input(real)
         lf, upd = disc(apply_fn, variables, fake_n)
         lr_, upd = disc(apply_fn, _merge_state(variables, upd), real_n)
         gp = None
-        if weights.gp != "none":
+        if w.gp != "none":
             def prob(x):
                 return jax.nn.sigmoid(disc(apply_fn, variables, x)[0])
             gp = gradient_penalty(prob, real_n, fake_n, rngs["gp"],
-                                  1.0 if weights.gp == "one" else 0.0)
-        loss, terms = discriminator_loss(lf, lr_, gp, weights.gp_weight)
+                                  1.0 if w.gp == "one" else 0.0)
+        loss, terms = discriminator_loss(lf, lr_, gp, w.gp_weight)
         return loss, {**terms, "d_fake": jnp.mean(jax.nn.sigmoid(lf)),
                       "d_real": jnp.mean(jax.nn.sigmoid(lr_)), "model_state": upd}
 
     def gen_loss(apply_fn, variables, batch, rngs):
-        rgb = batch[rgb_key]
+        w = wts(apply_fn, variables)
+        rgb = _get(batch, rgb_key)
         out = reconstruct(apply_fn, variables, rgb)
         hsi = out["hsi"]
-        x = l1_gradient_clip(hsi) if weights.l1gc else hsi
+        x = l1_gradient_clip(hsi) if w.l1gc else hsi
         logits, upd = disc(apply_fn, variables, discriminator_input(x))
         sem_logits = labels = None
-        if semantic and weights.sem:
+        if semantic and w.sem:
             sem_logits, upd2 = apply_fn(_merge_state(variables, upd), rgb, hsi, True,
                                         method=USSR.semantic, rngs={"dropout": rngs["dropout"]},
-                                        mutable=["batch_stats"], clip=weights.l1gc)
+                                        mutable=["batch_stats"], clip=w.l1gc)
             upd = {"batch_stats": {**upd["batch_stats"], **upd2["batch_stats"]}}
-            labels = batch[label_key]
-        loss, terms = generator_loss(logits, out["residual"], hsi, weights, sem_logits, labels)
+            labels = _get(batch, label_key)
+        loss, terms = generator_loss(logits, out["residual"], hsi, w, sem_logits, labels)
         return loss, {**terms, "model_state": upd}
 
-    return {"dis": dis_loss, "gen": gen_loss}
+    def sem_loss(apply_fn, variables, batch, rngs):
+        rgb = _get(batch, rgb_key)
+        hsi = jax.lax.stop_gradient(reconstruct(apply_fn, variables, rgb)["hsi"])
+        logits, upd = apply_fn(variables, rgb, hsi, True, True, method=USSR.semantic,
+                               rngs={"dropout": rngs["dropout"]}, mutable=["batch_stats"])
+        ce = semantic_cross_entropy(logits, _get(batch, label_key))
+        return ce, {"ce": ce, "model_state": upd}
+
+    out = {"dis": dis_loss, "gen": gen_loss}
+    if semantic:
+        out["sem"] = sem_loss
+    return out
 
 
 def _labels(params, rules: Mapping[str, Sequence[str]], default: str = "frozen"):
@@ -1250,7 +1297,7 @@ def make_train_step(model: USSR, optimizers: Mapping[str, Any],
         base = jax.random.fold_in(state["rng"], state["step"])
         params, stats, opt = state["params"], state["batch_stats"], dict(state["opt"])
         metrics = {}
-        for i, name in enumerate(("dis", "gen")):
+        for i, name in enumerate(("dis", "gen")):   # E2 + SE train in "gen" (joint, as coded)
             k = jax.random.fold_in(base, i)
             rngs = {"dropout": jax.random.fold_in(k, 0), "gp": jax.random.fold_in(k, 1)}
 
@@ -1270,3 +1317,58 @@ def make_train_step(model: USSR, optimizers: Mapping[str, Any],
         return new, metrics
 
     return step
+
+
+# ============================================================================================
+# Registration: --method ussr (step kind "phases" over the unpaired streams "rgb" and "hsi")
+# ============================================================================================
+def engine_phases(semantic: bool = True) -> list:
+    """The engine's phases: ``dis`` (Adam 5e-4 on ``dishsi``), ``gen`` (the run's optimiser:
+    Adam 1e-4 on ``hsiG`` + ``respG``), ``sem`` (SGD momentum 0.9, lr 1e-3 on ``extractor`` and
+    ``E1``, cosine to 0 in place of poly 0.9; the engine's SGD has no weight decay). Batches are
+    ``{"rgb": {"rgb", "label"}, "hsi": {"hsi"}}`` (``config.streams``)."""
+    from jaxspec.train.steps import Phase
+
+    losses = make_phase_losses(rgb_key=("rgb", "rgb"), hsi_key=("hsi", "hsi"),
+                               label_key=("rgb", "label"), semantic=semantic)
+    phases = [Phase("dis", losses["dis"], params=PHASE_PARAMS["dis"], optimizer={"lr": 5e-4}),
+              Phase("gen", losses["gen"], params=PHASE_PARAMS["gen"])]
+    if semantic:
+        phases.append(Phase("sem", losses["sem"],
+                            params=PHASE_PARAMS["sem"] + PHASE_PARAMS["frozen"],
+                            optimizer={"optimizer": "sgd", "lr": 1e-3, "b1": 0.9,
+                                       "schedule": "cosine", "lr_min": 0.0}))
+    return phases
+
+
+def _register():
+    from jaxspec import registry
+
+    factory = registry.module_factory(USSR, "USSR")
+
+    def make_model(model_cfg: Mapping[str, Any]):
+        cfg = dict(model_cfg)
+        lo = cfg.get("loss_overrides")
+        if isinstance(lo, Mapping):
+            cfg["loss_overrides"] = tuple(sorted(lo.items()))
+        elif lo is not None:
+            cfg["loss_overrides"] = tuple(tuple(x) for x in lo)
+        return factory(cfg)
+
+    make_model.allowed_keys = factory.allowed_keys
+    registry.register(registry.Method(
+        name="ussr",
+        make_model=make_model,
+        presets=registry.standard_presets("jaxspec.configs.ussr"),
+        step_kind="phases",
+        rng_streams=("dropout", "gp"),
+        step_options={"phases": engine_phases()},
+        description="USSR: unsupervised RGB -> 31 bands (SRF estimation, L1-GC GAN, semantic "
+                    "regularisation), trained on unpaired RGB and HSI",
+        reference=("Z. Zhu, H. Liu, J. Hou, H. Zeng, Q. Zhang. Semantic-embedded Unsupervised "
+                   "Spectral Reconstruction from Single RGB Images in the Wild. ICCV 2021"),
+        paper_params_m=0.58,
+    ))
+
+
+_register()
