@@ -3,13 +3,14 @@
 
     python bench/ussr.py                          # baselines only (seconds)
     python bench/ussr.py --train-steps 300        # + unpaired USSR training on spectral_scenes
+    python bench/ussr.py --workdir runs/ussr      # + a run trained by train.py --method ussr
 
 Data:
 
 * test: the six CAVE scenes in ``../shared/data/cave`` (``JAXSPEC_SHARED_DATA`` overrides),
   reflectance = PNG / 65535, RGB rendered linearly through the **test camera** (``--test-srf``,
   default the paper's Nikon D700 from the Jiang 2013 database, columns normalised to sum 1 as
-  the dictionary; the 5 built-in SRFs when the database is absent: nikon_d5100);
+  the dictionary; nikon_d5100 when the database is absent);
 * unpaired training data (only for the learned/selected parts): ``spectral_scenes`` (clean)
   ``train`` split, RGB stream = its first half rendered through random dictionary cameras
   (so the RGB camera is unknown to the method), HSI stream = the cubes of the second half.
@@ -25,7 +26,8 @@ Methods (none of the unpaired rows sees a CAVE scene or an RGB/HSI pair):
   pairs rendered through the test camera (needs pairs; the paired reference);
 * ``ussr`` (``--train-steps``): ``make_train_step`` for that many iterations at ``--crop`` /
   ``--batch``, E1 pre-trained on the RGB stream's material labels, then applied to the full
-  CAVE images.
+  CAVE images; ``--workdir`` scores the best checkpoint of a ``train.py --method ussr`` run
+  the same way (plus its SRF estimates against the test camera).
 Writes ``bench/ussr_results.json`` and prints a table.
 """
 from __future__ import annotations
@@ -146,6 +148,7 @@ def main(argv=None):
     p.add_argument("--test-srf", default=None, help="camera name in the Jiang 2013 database "
                    "(default Nikon D700) or a built-in SRF name")
     p.add_argument("--train-steps", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="a train.py --method ussr run to score")
     p.add_argument("--segmenter-steps", type=int, default=200)
     p.add_argument("--crop", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
@@ -190,14 +193,26 @@ def main(argv=None):
     x, y = B.sample_pixels(pairs, 200_000, seed=0)
     ls = B.fit_linear(x, y)
     results["rows"]["least squares (paired)"] = score(lambda r: B.predict(ls, r), cubes, test_srf)
+    trained = []
     if args.train_steps > 0:
         model, variables, apply = train_ussr(args, dictionary, rgb_stream, hsi_stream, log)
-        results["rows"][f"ussr ({args.train_steps} it)"] = score(
-            lambda r: apply(variables, r)["hsi"], cubes, test_srf)
+        trained.append((f"ussr ({args.train_steps} it, bench step)", variables, apply))
+    if args.workdir:
+        import jax
+
+        import jaxspec
+        wrapped, variables = jaxspec.load(args.workdir)
+        module = wrapped.module
+        apply = jax.jit(lambda v, x: module.apply(v, x, method=U.USSR.reconstruct))
+        trained.append((f"ussr ({args.workdir}, step {jaxspec.load_config(args.workdir).steps})",
+                        variables, apply))
+    for label, variables, apply in trained:
+        results["rows"][label] = score(lambda r: apply(variables, r)["hsi"], cubes, test_srf)
         est = [np.asarray(apply(variables, jnp.asarray((h @ test_srf)[None]))["srf"][0])
                for _, h in cubes]
         acc = U.srf_accuracy(np.stack(est), test_srf)
-        results["srf_estimation"] = {k: float(np.mean(v)) for k, v in acc.items()}
+        results.setdefault("srf_estimation", {})[label] = {k: float(np.mean(v))
+                                                           for k, v in acc.items()}
         results["srf_dictionary_mean"] = {k: float(v[0]) for k, v in
                                           U.srf_accuracy(mean_srf, test_srf).items()}
     Path(args.out).write_text(json.dumps(results, indent=1))

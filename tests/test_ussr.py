@@ -89,7 +89,9 @@ def test_authors_names_and_shapes(full_shapes):
         "respG.stages.0.conv.0.actlayer.conv.weight": (16, 1, 5, 5),
         "respG.stages.0.conv.1.compressLayer.conv.weight": (32, 19, 1, 1),
         "respG.fstage.conv.2.compressLayer.conv.weight": (128, 320, 1, 1),
-        "respG.fstage.final_conv.compressLayer.conv.weight": (15, 128, 1, 1),  # 3 x 5 builtin
+        # 3 x (number of built-in SRFs)
+        "respG.fstage.final_conv.compressLayer.conv.weight": (
+            3 * U.load_srf_dictionary("builtin").n_cameras, 128, 1, 1),
         "dishsi.stage1.downsample.0.compressLayer.conv.weight": (64, 31, 1, 1),
         "dishsi.stage2.denseconv.6.actlayer.Bn.running_var": (128,),
         "dishsi.classifier.2.compressLayer.conv.weight": (1, 512, 1, 1),
@@ -183,7 +185,9 @@ def test_dictionary_fallback_and_errors(monkeypatch):
     U.load_srf_dictionary.cache_clear()
     with pytest.warns(UserWarning, match="falling back"):
         d = U.load_srf_dictionary("auto")
-    assert d.names == tuple(physics.list_srfs()) and d.source == "builtin"
+    assert set(d.names) <= set(physics.list_srfs()) and d.source == "builtin"
+    assert {"cie1964", "nikon_d5100", "canon_5d_mk2"} <= set(d.names)
+    assert d.curves.shape == (d.n_cameras, 31, 3)
     np.testing.assert_allclose(d.curves.sum(axis=1), 1.0, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="no_such_db.txt"):
         U.load_srf_dictionary("/nonexistent/no_such_db.txt")
@@ -620,3 +624,30 @@ def test_unpaired_train_step_runs_and_respects_groups():
         changed, state["params"]["E1"], before["p"]["E1"])))           # E1 frozen
     assert any(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         changed, state["batch_stats"]["dishsi"], before["s"]["dishsi"])))
+
+
+@pytest.mark.slow
+def test_cli_engine_two_iterations_on_unpaired_streams(tmp_path):
+    """``--method ussr`` through the engine: the smoke preset on tiny unpaired streams (RGB +
+    material labels / disjoint cubes), two iterations of the dis/gen/sem phases, evaluation."""
+    from jaxspec.configs import ussr as C
+    from jaxspec.train.loop import train_and_evaluate
+
+    rng = np.random.default_rng(0)
+
+    def example(i, with_label):
+        hsi = rng.uniform(0.05, 0.9, (20, 20, 31)).astype(np.float32)
+        ex = {"hsi": hsi, "rgb": hsi @ physics.get_srf("nikon_d5100"),
+              "bands": physics.WAVELENGTHS_31, "name": f"s{i}"}
+        if with_label:
+            ex["label"] = rng.integers(0, 13, (20, 20)).astype(np.int32)
+        return ex
+
+    cfg = C.smoke().replace(model={**C.smoke().model, "srf_dictionary": "builtin"},
+                            eval_every=0, ckpt_every=2)
+    train = {"rgb": [example(i, True) for i in range(3)],
+             "hsi": [example(10 + i, False) for i in range(3)]}
+    s = train_and_evaluate(cfg, tmp_path / "ussr", train_source=train,
+                           eval_source=[example(20, False)], progress=False, figures=0)
+    assert s["step"] == 2 and np.isfinite(s["final_loss"])
+    assert np.isfinite(s["eval"]["psnr"])

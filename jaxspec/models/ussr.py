@@ -109,7 +109,7 @@ def load_srf_dictionary(source: str = "auto",
     ``source``:
       * a path to Jiang et al. (WACV 2013) ``camspec_database.txt`` -> its 28 cameras, read by
         :func:`jaxspec.physics.parse_camspec_database` (file order, which is fixed);
-      * ``"builtin"`` -> the SRFs jaxspec ships (:func:`jaxspec.physics.list_srfs`, 5 curves);
+      * ``"builtin"`` -> the SRFs jaxspec ships (:func:`jaxspec.physics.list_srfs`, the 3-channel ones);
       * ``"auto"`` -> the file named by ``$JAXSPEC_CAMSPEC_DATABASE`` when set, else
         ``"builtin"`` with a ``UserWarning`` (the 28-camera database is CC BY-NC-SA and not
         shipped; the number of cameras sets the shape of SPFNet's last layer).
@@ -126,12 +126,14 @@ def load_srf_dictionary(source: str = "auto",
             warnings.warn(
                 f"USSR: no camera SRF database given (set ${CAMSPEC_ENV} or model.srf_dictionary "
                 f"to Jiang et al. 2013 camspec_database.txt); falling back to the "
-                f"{len(physics.list_srfs())} SRFs shipped with jaxspec ({physics.list_srfs()})",
+                f"RGB SRFs shipped with jaxspec (a subset of {physics.list_srfs()})",
                 UserWarning, stacklevel=2)
             source = "builtin"
-    if source == "builtin":
-        names = tuple(physics.list_srfs())
-        curves = [physics.get_srf(n, wavelengths=wl, normalize=None) for n in names]
+    if source == "builtin":   # the shipped RGB curves defined on this grid
+        pairs = [(n, physics.get_srf(n, wavelengths=wl, normalize=None))
+                 for n in physics.list_srfs()]
+        pairs = [(n, c) for n, c in pairs if c.shape == (wl.size, 3)]
+        names, curves = tuple(n for n, _ in pairs), [c for _, c in pairs]
     else:
         path = Path(source).expanduser()
         if not path.is_file():
