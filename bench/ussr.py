@@ -211,15 +211,20 @@ def main(argv=None):
 
         import jaxspec
         wrapped, variables = jaxspec.load(args.workdir)        # best validation checkpoint
-        module = wrapped.module
+        module = wrapped.module.clone(dw_impl="auto")   # shift-add on CPU: same parameters
         apply = jax.jit(lambda v, x: module.apply(v, x, method=U.USSR.reconstruct))
         cfg = wrapped.config
         trained.append((f"ussr ({cfg.preset} preset, {cfg.steps} it, best checkpoint)",
                         variables, apply))
     for label, variables, apply in trained:
-        results["rows"][label] = score(lambda r: apply(variables, r)["hsi"], cubes, test_srf)
-        est = [np.asarray(apply(variables, jnp.asarray((h @ test_srf)[None]))["srf"][0])
-               for _, h in cubes]
+        est = []
+
+        def run(r):
+            out = apply(variables, r)
+            est.append(np.asarray(out["srf"][0]))
+            return out["hsi"]
+
+        results["rows"][label] = score(run, cubes, test_srf)
         acc = U.srf_accuracy(np.stack(est), test_srf)
         results.setdefault("srf_estimation", {})[label] = {k: float(np.mean(v))
                                                            for k, v in acc.items()}
