@@ -43,7 +43,8 @@ import numpy as np
 
 __all__ = ["ConversionError", "Rule", "LAYOUTS", "CONVERTERS", "load_torch_state_dict",
            "strip_prefix", "convert_state_dict", "mstpp_rules", "mstpp_model_kwargs",
-           "convert_checkpoint", "write_workdir", "load_module_from_file", "main"]
+           "convert_checkpoint", "write_workdir", "reference_code", "load_module_from_file",
+           "main"]
 
 
 class ConversionError(ValueError):
@@ -329,6 +330,20 @@ def write_workdir(workdir: str | os.PathLike, config, variables: Mapping[str, An
         ck.save_best(0, tree, {"mrae": math.inf}, {"step": 0, **dict(meta or {})})
         ck.wait()
     return workdir
+
+
+def reference_code(relpath: str) -> Path | None:
+    """Path of a file of the official reference code (tests and benchmarks only; the project
+    never ships it): ``$JAXSPEC_REFERENCE/<relpath>``, else ``shared/reference/<relpath>``
+    beside the checkout or one level above it (worktrees); ``None`` when absent."""
+    env = os.environ.get("JAXSPEC_REFERENCE")
+    repo = Path(__file__).resolve().parents[1]
+    roots = [Path(env)] if env else [repo.parent / "shared" / "reference",
+                                     repo.parents[1] / "shared" / "reference"]
+    for root in roots:
+        if (root / relpath).is_file():
+            return root / relpath
+    return None
 
 
 def load_module_from_file(path: str | os.PathLike, name: str | None = None):

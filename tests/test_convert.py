@@ -7,8 +7,6 @@ skip when torch, einops or the reference code are absent. The rule/error tests n
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,18 +15,6 @@ import pytest
 
 from jaxspec import convert
 from jaxspec.models.mstpp import MSTPlusPlus
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _reference_file() -> Path | None:
-    env = os.environ.get("JAXSPEC_REFERENCE")
-    roots = [Path(env)] if env else [REPO.parent / "shared" / "reference",
-                                     REPO.parents[1] / "shared" / "reference"]
-    for root in roots:
-        if (root / "mstpp" / "MST_Plus_Plus.py").is_file():
-            return root / "mstpp" / "MST_Plus_Plus.py"
-    return None
 
 
 def _target(**kw):
@@ -41,7 +27,7 @@ def official():
     """(torch module, reference module) of a randomised official 1-stage MST++."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("einops")
-    ref = _reference_file()
+    ref = convert.reference_code("mstpp/MST_Plus_Plus.py")
     if ref is None:
         pytest.skip("official MST++ reference code absent (../shared/reference/mstpp)")
     mod = convert.load_module_from_file(ref)
