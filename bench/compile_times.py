@@ -11,7 +11,9 @@ Per method, ahead-of-time (``jax.jit(f).lower(...).compile()``, nothing executed
   at the preset's crop and batch (``--preset paper``: the papers' 128x128x20 for MST++,
   64x64x20 for ACC).
 
-Lowering (tracing to StableHLO) and XLA compilation are timed separately; the target is
+Lowering (tracing to StableHLO) and XLA compilation are timed separately (the compiled
+inference's XLA FLOP count is printed too; XLA counts a loop body once, so for models with
+``lax.map``/``scan`` loops it is a lower bound); the target is
 < 60 s each on a 2-core CPU. The 1-minute load average is printed with each line, since
 compile time scales with contention on a shared machine. ``--json PATH`` writes the numbers.
 """
@@ -44,17 +46,24 @@ def compile_times(name: str, preset: str, height: int, width: int) -> dict:
            "train_crop": cfg.crop, "train_batch": cfg.batch_size}
 
     def timed(fn, args, **jit_kw):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lowered = jax.jit(fn, **jit_kw).lower(*args)
         t1 = time.perf_counter()
-        lowered.compile()
-        return t1 - t0, time.perf_counter() - t1
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        timed.gflops = float((cost or {}).get("flops", float("nan"))) / 1e9
+        timed.cpu_s = time.process_time() - c0   # CPU time: less sensitive to contention
+        return t1 - t0, t2 - t1
 
     variables = jax.eval_shape(lambda k: init_variables(model, k, (1, s * 8, s * 8, 3)),
                                jax.random.PRNGKey(0))
     x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
     out["infer_lower_s"], out["infer_compile_s"] = timed(
         lambda v, x: model.apply(v, x, train=False), (variables, x))
+    out["infer_xla_gflops"] = timed.gflops   # loops (lax.map/scan) are counted once by XLA
+    out["infer_cpu_s"] = timed.cpu_s
 
     tx = steps_lib.make_optimizer_for(cfg, method)
     params = variables["params"]
@@ -67,6 +76,7 @@ def compile_times(name: str, preset: str, height: int, width: int) -> dict:
              "hsi": jax.ShapeDtypeStruct((b, c, c, 31), jnp.float32)}
     out["train_lower_s"], out["train_compile_s"] = timed(
         steps_lib.build_train_step(model, cfg, method), (state, batch), donate_argnums=0)
+    out["train_cpu_s"] = timed.cpu_s
     return out
 
 
@@ -91,10 +101,12 @@ def main(argv=None) -> int:
         r["load"] = os.getloadavg()[0]
         rows.append(r)
         print(f"{name:8s} infer {r['infer_input'][0]}x{r['infer_input'][1]}: lower "
-              f"{r['infer_lower_s']:.1f} s + compile {r['infer_compile_s']:.1f} s | train "
+              f"{r['infer_lower_s']:.1f} s + compile {r['infer_compile_s']:.1f} s "
+              f"({r['infer_xla_gflops']:.1f} XLA GFLOP) | train "
               f"{r['train_batch']}x{r['train_crop']}x{r['train_crop']}: lower "
               f"{r['train_lower_s']:.1f} s + compile {r['train_compile_s']:.1f} s "
-              f"(load {r['load']:.1f})", flush=True)
+              f"(CPU time infer {r['infer_cpu_s']:.1f} s, train {r['train_cpu_s']:.1f} s; "
+              f"load {r['load']:.1f})", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=2))
     return 0

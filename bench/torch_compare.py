@@ -120,11 +120,14 @@ def main(argv=None) -> int:
         x = rng.uniform(0, 1, (1, a.height, a.width, 3)).astype(np.float32)
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         official.eval()
-        fwd = jax.jit(model.apply)
         xj = jnp.asarray(x)
         t = time.perf_counter()
+        fwd = jax.jit(model.apply).lower(variables, xj).compile()
         yj = np.asarray(fwd(variables, xj).block_until_ready())
         res["infer_jax_first_call_s"] = time.perf_counter() - t
+        cost = fwd.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        res["infer_xla_gflop"] = float(cost["flops"]) / 1e9
 
         def run_torch():
             with torch.no_grad():
@@ -136,6 +139,19 @@ def main(argv=None) -> int:
               f" (jax compile + first call {res['infer_jax_first_call_s']:.1f} s)")
         st, sj = alternate(run_torch, lambda: fwd(variables, xj).block_until_ready(), a.repeats)
         report("infer", st, sj)
+        a2 = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048), jnp.float32)
+        mm = jax.jit(lambda m: m @ m).lower(a2).compile()
+        mm(a2).block_until_ready()
+        tmm = []
+        for _ in range(5):
+            t = time.perf_counter()
+            mm(a2).block_until_ready()
+            tmm.append(time.perf_counter() - t)
+        res["matmul_peak_gflops"] = 2 * 2048 ** 3 / min(tmm) / 1e9
+        res["infer_jax_gflops_per_s"] = res["infer_xla_gflop"] / sj["median_s"]
+        print(f"XLA {res['infer_xla_gflop']:.1f} GFLOP -> {res['infer_jax_gflops_per_s']:.1f} "
+              f"GFLOP/s at the median; fp32 2048^2 matmul peak (best of 5) "
+              f"{res['matmul_peak_gflops']:.1f} GFLOP/s")
 
     if a.what in ("train", "both"):
         b, c = a.batch, a.crop
