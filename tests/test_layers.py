@@ -280,6 +280,40 @@ def test_spectral_msa_matches_reference(dim, heads):
     assert np.max(np.abs(apply(msa, {"params": swapped}, x) - ref)) > 1e-3
 
 
+def _msa_literal(x, p, heads):
+    """The literal S-MSA (Q, K formed and L2-normalised over N, A V then proj) in jnp: the
+    formulation SpectralMSA evaluated before it was rewritten by associativity."""
+    b, h, w, c = x.shape
+    d = c // heads
+    xf = x.reshape(b, h * w, c)
+    q, k, v = (xf @ p[n]["kernel"] for n in ("to_q", "to_k", "to_v"))
+    q = L.l2_normalize(q.reshape(b, -1, heads, d), axis=1)
+    k = L.l2_normalize(k.reshape(b, -1, heads, d), axis=1)
+    attn = jax.nn.softmax(jnp.einsum("bnhi,bnhj->bhij", k, q) * p["rescale"][None], axis=-1)
+    out = jnp.einsum("bhij,bnhj->bnhi", attn, v.reshape(b, -1, heads, d)).reshape(b, h, w, c)
+    out = out @ p["proj"]["kernel"] + p["proj"]["bias"]
+    pe = L.depthwise_conv(L.gelu(L.depthwise_conv(v.reshape(b, h, w, c),
+                                                  p["pos_emb_0"]["kernel"])),
+                          p["pos_emb_1"]["kernel"])
+    return out + pe
+
+
+def test_spectral_msa_gradients_match_literal_formulation():
+    dim, heads = 12, 3
+    x = jnp.asarray(RNG.normal(size=(2, 5, 4, dim)).astype(np.float32))
+    msa = L.SpectralMSA(dim, heads)
+    p = randomize(init(msa, x)["params"], 4)
+    tgt = jnp.asarray(RNG.normal(size=(2, 5, 4, dim)).astype(np.float32))
+
+    def loss(fn):
+        return jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(fn(p, x)) * tgt), (0, 1)))(p, x)
+
+    g_new = loss(lambda p, x: msa.apply({"params": p}, x))
+    g_ref = loss(lambda p, x: _msa_literal(x, p, heads))
+    for a, r in zip(jax.tree_util.tree_leaves(g_new), jax.tree_util.tree_leaves(g_ref)):
+        np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
+
+
 def test_msab_and_ffn_match_reference_and_count():
     dim, heads = 12, 2
     x = RNG.normal(size=(1, 4, 4, dim)).astype(np.float32)

