@@ -52,7 +52,7 @@ __all__ = [
     "DEPTHWISE_IMPLS", "gelu", "l2_normalize", "resolve_depthwise_impl", "depthwise_conv",
     "torch_kernel_init", "torch_bias_init", "trunc_normal_init",
     "DepthwiseConv", "Conv2d", "ConvTranspose2d", "Linear", "LayerNorm",
-    "SpectralMSA", "FeedForward", "MSAB", "mst_block", "SpectralUNet",
+    "spectral_attention", "SpectralMSA", "FeedForward", "MSAB", "mst_block", "SpectralUNet",
     "as_floating", "pad_to_multiple", "crop_to",
 ]
 
@@ -329,6 +329,29 @@ class LayerNorm(nn.LayerNorm):
 # ----------------------------------------------------------------------------------------------
 # MST blocks
 # ----------------------------------------------------------------------------------------------
+def spectral_attention(q: Array, k: Array, v: Array, rescale: Array,
+                       bias: Array | None = None) -> Array:
+    """Spectral-wise (channels-as-tokens) attention core of MST/MST++ and CCNet's GrSCM.
+
+    ``q, k, v``: ``(B, N, G, d)`` -- ``G`` independent attention units (heads, or groups x
+    heads) of ``d`` channel tokens, each an ``N = H*W`` vector. Per unit ``g``::
+
+        Q^, K^ = L2-normalise Q_g, K_g along N          (cosine similarity, eps 1e-12)
+        A_g    = softmax_row(bias_g + rescale_g * K^ Q^^T)   (d x d; MST++'s K Q^T order)
+        out_g  = A_g V_g
+
+    ``rescale`` ``(G, 1, 1)`` (learnable sigma); ``bias`` ``(G, d, d)`` or ``None`` (CCNet's
+    relative spectrum encoding, added to the logits). Returns ``(B, N, G, d)``.
+    """
+    q = l2_normalize(q, axis=1)
+    k = l2_normalize(k, axis=1)
+    attn = jnp.einsum("bnhi,bnhj->bhij", k, q) * rescale[None]      # K Q^T, (b, h, d, d)
+    if bias is not None:
+        attn = attn + bias[None]
+    attn = jax.nn.softmax(attn, axis=-1)
+    return jnp.einsum("bhij,bnhj->bnhi", attn, v)
+
+
 class SpectralMSA(nn.Module):
     """Spectral-wise multi-head self-attention (S-MSA, MST / MST++ ``MS_MSA``).
 
@@ -370,13 +393,9 @@ class SpectralMSA(nn.Module):
         def split(t):  # (b, h, w, heads*d) -> (b, N, heads, d)
             return t.reshape(b, h * w, self.heads, dh)
 
-        q = l2_normalize(split(q_inp), axis=1)
-        k = l2_normalize(split(k_inp), axis=1)
-        v = split(v_inp)
         rescale = self.param("rescale", nn.initializers.ones, (self.heads, 1, 1))
-        attn = jnp.einsum("bnhi,bnhj->bhij", k, q) * rescale[None]      # K Q^T, (b, h, d, d)
-        attn = jax.nn.softmax(attn, axis=-1)
-        out = jnp.einsum("bhij,bnhj->bnhi", attn, v).reshape(b, h, w, self.heads * dh)
+        out = spectral_attention(split(q_inp), split(k_inp), split(v_inp), rescale)
+        out = out.reshape(b, h, w, self.heads * dh)
         out_c = Linear(self.dim, use_bias=True, name="proj")(out)
         p = DepthwiseConv(self.dim, (3, 3), use_bias=False, impl=self.impl,
                           name="pos_emb_0")(v_inp)

@@ -1,2 +1,2 @@
 """One module per method; importing this package registers every method."""
-from jaxspec.models import acc, mstpp  # noqa: F401  (registration side effect)
+from jaxspec.models import acc, ccnet, mstpp  # noqa: F401  (registration side effect)
