@@ -6,6 +6,7 @@ agrees with the paper.
     python bench/ccnet_ablations.py --steps 600 --stage 3   # the cpu preset's schedule
     python bench/ccnet_ablations.py --only full,mha,no_global
     python bench/ccnet_ablations.py --stability          # ||J_ij|| vs |i - j| (docs/lipschitz.md)
+    python bench/ccnet_ablations.py --flops              # XLA FLOPs (Table II FLOPs_s column)
 
 Each variant is ``jaxspec.configs.ccnet.ablation(name, base)`` -- the ``cpu`` preset (built-in
 ``spectral_scenes``, linear RGB) with its ``model`` options updated -- trained by
@@ -114,6 +115,52 @@ def stability(size: int = 10, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+def flops(full_model: bool = True) -> str:
+    """XLA FLOPs (compile only, nothing runs) of one inter-spectral module on a 256x256x32
+    input (the paper's ``FLOPs_s`` of Table II) for every variant, and of the whole network on
+    one 482x512 image padded to 496x512. A multiply-add is 2 XLA FLOPs; the paper's figures
+    are MAC counts, so compare them with XLA / 2."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxspec import layers
+    from jaxspec.configs import ccnet as presets
+    from jaxspec.flops import count_flops
+    from jaxspec.models import ccnet
+
+    x = jax.ShapeDtypeStruct((1, 256, 256, 32), jnp.float32)
+    lines = ["| inter-spectral module @ 256x256x32 | XLA GFLOPs | / 2 | paper FLOPs_s (G) |",
+             "|---|---|---|---|"]
+
+    # a CSRM block minus its FFN half (LayerNorm + FFN + the two residual additions) is the
+    # inter-spectral module GrSCM + NeSCM + fusion (or MST++'s S-MSA for "mha")
+    def block_flops(name):
+        opts = ccnet.CSRMOptions(**presets.ABLATIONS[name], impl="lax").validate()
+        blk = ccnet.csrm_block(32, 1, base_dim=32, opts=opts)
+        shapes = jax.eval_shape(blk.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 32)))
+        return count_flops(blk.apply, shapes, x)
+
+    class FFNHalf(ccnet.nn.Module):
+        @ccnet.nn.compact
+        def __call__(self, z):
+            return layers.FeedForward(32, impl="lax")(layers.LayerNorm()(z)) + z + z
+
+    shapes = jax.eval_shape(FFNHalf().init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 32)))
+    ffn = count_flops(FFNHalf().apply, shapes, x)
+    for name in ("full", "mha", "no_global", "b_convlstm", "b_convgru", "fusion_cattn"):
+        g = (block_flops(name) - ffn) / 1e9
+        paper = {"full": "0.42", "mha": "0.44"}.get(name, "-")
+        lines.append(f"| {name} | {g:.3f} | {g / 2:.3f} | {paper} |")
+    if full_model:
+        model = ccnet.CCNet(**presets.MODEL, dw_impl="lax")
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+        g = count_flops(model.apply, shapes,
+                        jax.ShapeDtypeStruct((1, 496, 512, 3), jnp.float32)) / 1e9
+        lines += ["", f"Whole CCNet, one 482x512 image (padded to 496x512): {g:.1f} XLA GFLOPs "
+                  f"({g / 2:.1f} G multiply-adds)."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/ccnet_ablations")
@@ -130,9 +177,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stability", action="store_true",
                    help="print the Jacobian-block decay table instead of training")
+    p.add_argument("--flops", action="store_true", help="print XLA FLOPs instead of training")
     args = p.parse_args(argv)
     if args.stability:
         print(stability(seed=args.seed))
+        return 0
+    if args.flops:
+        print(flops())
         return 0
 
     from jaxspec import registry

@@ -33,6 +33,21 @@ def smooth_rgb(h=16, w=20):
     return ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
 
 
+def test_flat_initialisers_equal_the_reference_draws():
+    """layers' initialisers draw flat and reshape (faster to compile); same bits as before."""
+    import flax.linen as nn
+    k = jax.random.PRNGKey(11)
+    for shape, ia, oa in [((3, 3, 5, 7), -2, -1), ((2, 2, 64, 32), -1, -2), ((4, 8, 8), -2, -1)]:
+        ref = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=ia,
+                                               out_axis=oa)(k, shape)
+        assert bool(jnp.array_equal(L.torch_kernel_init(ia, oa)(k, shape), ref))
+        b = 1 / np.sqrt(27)
+        assert bool(jnp.array_equal(L.torch_bias_init(27)(k, shape),
+                                    jax.random.uniform(k, shape, jnp.float32, -b, b)))
+        assert bool(jnp.array_equal(L.trunc_normal_init(0.02)(k, shape),
+                                    jax.random.truncated_normal(k, -100., 100., shape) * 0.02))
+
+
 def test_param_count_paper_architecture():
     m = registry.get("ccnet")
     model = m.model(m.config("paper"))
@@ -288,7 +303,7 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     from jaxspec import registry
     from jaxspec.configs import ccnet as presets
     from jaxspec.train import sharding, steps
-    from jaxspec.train.state import TrainState
+    from jaxspec.train.state import create_train_state
     method = registry.get("ccnet")
     cfg = presets.ablation("full", method.config("smoke"), **TINY).replace(batch_size=8)
     model = method.model(cfg)
