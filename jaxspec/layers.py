@@ -52,7 +52,7 @@ __all__ = [
     "DEPTHWISE_IMPLS", "gelu", "l2_normalize", "resolve_depthwise_impl", "depthwise_conv",
     "torch_kernel_init", "torch_bias_init", "trunc_normal_init",
     "DepthwiseConv", "Conv2d", "ConvTranspose2d", "Linear", "LayerNorm",
-    "SpectralMSA", "FeedForward", "MSAB", "mst_block", "SpectralUNet",
+    "spectral_attention", "SpectralMSA", "FeedForward", "MSAB", "mst_block", "SpectralUNet",
     "as_floating", "pad_to_multiple", "crop_to",
 ]
 
@@ -92,17 +92,32 @@ def torch_kernel_init(in_axis: int = -2, out_axis: int = -1):
     field and the ``in_axis`` size: ``variance_scaling(1/3, "fan_in", "uniform")``.
     For a Flax ``(kh, kw, in, out)`` conv kernel use the defaults; for a transposed conv whose
     PyTorch fan_in is ``C_out * kh * kw`` pass ``in_axis=-1, out_axis=-2``.
+
+    The numbers are bitwise those of ``nn.initializers.variance_scaling(1/3, "fan_in",
+    "uniform", in_axis, out_axis)``, but the uniform bits are drawn for the flattened shape and
+    reshaped: XLA:CPU compiles the random-bit kernel of a 4-D shape ~5x slower than of a 1-D
+    one, and a network's ``jit(init)`` compiles one per parameter (tests/test_ccnet.py checks
+    the equality).
     """
-    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
-                                            in_axis=in_axis, out_axis=out_axis)
+    def init(key, shape, dtype=jnp.float32):
+        shape = tuple(int(d) for d in shape)
+        ndim = len(shape)
+        in_ax, out_ax = in_axis % ndim, out_axis % ndim
+        receptive = math.prod(d for i, d in enumerate(shape) if i not in (in_ax, out_ax))
+        variance = jnp.array((1.0 / 3.0) / (shape[in_ax] * receptive), dtype=dtype)
+        flat = jax.random.uniform(key, (math.prod(shape),), dtype, -1)
+        return flat.reshape(shape) * jnp.sqrt(3 * variance)
+
+    return init
 
 
 def torch_bias_init(fan_in: int):
     """PyTorch's default conv bias init ``b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    def init(key, shape, dtype=jnp.float32):   # flat draw, reshaped: see torch_kernel_init
+        shape = tuple(int(d) for d in shape)
+        return jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound).reshape(shape)
 
     return init
 
@@ -114,9 +129,11 @@ def trunc_normal_init(std: float = 0.02, a: float = -2.0, b: float = 2.0):
     samples are (to float precision) plain ``N(0, 0.02^2)``; no variance correction is applied,
     unlike ``flax.linen.initializers.truncated_normal`` whose bounds are in units of sigma.
     """
-    def init(key, shape, dtype=jnp.float32):
-        return (jax.random.truncated_normal(key, a / std, b / std, shape, jnp.float32)
-                * std).astype(dtype)
+    def init(key, shape, dtype=jnp.float32):   # flat draw, reshaped: see torch_kernel_init
+        shape = tuple(int(d) for d in shape)
+        flat = jax.random.truncated_normal(key, a / std, b / std, (math.prod(shape),),
+                                           jnp.float32)
+        return (flat.reshape(shape) * std).astype(dtype)
 
     return init
 
@@ -350,6 +367,29 @@ class LayerNorm(nn.LayerNorm):
 # ----------------------------------------------------------------------------------------------
 # MST blocks
 # ----------------------------------------------------------------------------------------------
+def spectral_attention(q: Array, k: Array, v: Array, rescale: Array,
+                       bias: Array | None = None) -> Array:
+    """Spectral-wise (channels-as-tokens) attention core of MST/MST++ and CCNet's GrSCM.
+
+    ``q, k, v``: ``(B, N, G, d)`` -- ``G`` independent attention units (heads, or groups x
+    heads) of ``d`` channel tokens, each an ``N = H*W`` vector. Per unit ``g``::
+
+        Q^, K^ = L2-normalise Q_g, K_g along N          (cosine similarity, eps 1e-12)
+        A_g    = softmax_row(bias_g + rescale_g * K^ Q^^T)   (d x d; MST++'s K Q^T order)
+        out_g  = A_g V_g
+
+    ``rescale`` ``(G, 1, 1)`` (learnable sigma); ``bias`` ``(G, d, d)`` or ``None`` (CCNet's
+    relative spectrum encoding, added to the logits). Returns ``(B, N, G, d)``.
+    """
+    q = l2_normalize(q, axis=1)
+    k = l2_normalize(k, axis=1)
+    attn = jnp.einsum("bnhi,bnhj->bhij", k, q) * rescale[None]      # K Q^T, (b, h, d, d)
+    if bias is not None:
+        attn = attn + bias[None]
+    attn = jax.nn.softmax(attn, axis=-1)
+    return jnp.einsum("bhij,bnhj->bnhi", attn, v)
+
+
 class SpectralMSA(nn.Module):
     """Spectral-wise multi-head self-attention (S-MSA, MST / MST++ ``MS_MSA``).
 
