@@ -37,7 +37,6 @@ def param_count(variables) -> dict:
 def codebook_usage(workdir, max_images: int | None = None) -> list[dict]:
     """Per scale: codes used by the stage-1 encoder over the validation images, perplexity."""
     import jaxspec
-    from jaxspec.models import mcga
     from jaxspec.train import loop
     model, variables = jaxspec.load(workdir)
     cfg = model.config
@@ -49,7 +48,7 @@ def codebook_usage(workdir, max_images: int | None = None) -> list[dict]:
     @jax.jit
     def codes(v, hsi):
         def f(mod, x):
-            feats, infos = mod.encoder(mod.mask(x, False), mod.moc)
+            _, infos = mod.encoder(mod.mask(x, False), mod.moc)
             return [inf["idx"] for inf in infos]
         return net.apply(v, hsi, method=f)
 
@@ -66,14 +65,13 @@ def codebook_usage(workdir, max_images: int | None = None) -> list[dict]:
         p = c / c.sum()
         out.append({"scale": s, "used": int((c > 0).sum()), "dead": int((c == 0).sum()),
                     "perplexity": float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))))})
-    del mcga
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True)
-    ap.add_argument("--preset", default="cpu", help="cpu | smoke | paper (stage 1: vq_<preset>)")
+    ap.add_argument("--preset", default="cpu", help="cpu | smoke | paper (both stages)")
     ap.add_argument("--set", action="append", default=[], help="override for both stages")
     ap.add_argument("--adapt-steps", type=int, default=0, help="TTA steps in stage 2's eval")
     args = ap.parse_args(argv)

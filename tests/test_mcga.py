@@ -109,13 +109,14 @@ def _sources(n, seed, c=8, size=16):
 
 SMALL = dict(width=8)
 DATA = dict(progress=False, figures=0)
+FAST = dict(eval_every=0, max_eval_images=1)   # final evaluation only (compile once)
 
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     wd = tmp_path_factory.mktemp("mcga") / "vq"
     cfg = registry.get("mcga_vq").config("smoke")
-    cfg = cfg.replace(model={**cfg.model, **SMALL})
+    cfg = cfg.replace(model={**cfg.model, **SMALL}, **FAST)
     train_and_evaluate(cfg, wd, train_source=_sources(3, 0), eval_source=_sources(2, 1), **DATA)
     return wd
 
@@ -158,7 +159,8 @@ def test_stage2_frozen_codebooks_decoder_and_tta(stage1, tmp_path):
     import jaxspec
     from jaxspec import inference, tasks
     cfg = registry.get("mcga").config("smoke")
-    cfg = mcga_cfg.stage2(cfg.replace(model={**cfg.model, **SMALL, "ganet_width": 8}), stage1)
+    cfg = mcga_cfg.stage2(cfg.replace(model={**cfg.model, **SMALL, "ganet_width": 8}, **FAST),
+                          stage1)
     wd = tmp_path / "s2"
     train_and_evaluate(cfg, wd, train_source=_sources(3, 0), eval_source=_sources(2, 1), **DATA)
     _, v1 = jaxspec.load(stage1)

@@ -33,18 +33,18 @@ PAPER = dict(PAPER_ARAD1K, optimizer="adamw", lr=4e-4, weight_decay=1e-2, crop=1
 
 # ----------------------------------------------------------------------------- stage 1
 def vq_paper() -> Config:
-    return make_preset("mcga_vq", "vq_paper", VQ_MODEL, PAPER, steps=100_000, warmup_steps=5_000,
+    return make_preset("mcga_vq", "paper", VQ_MODEL, PAPER, steps=100_000, warmup_steps=5_000,
                        **VQ_LOSS)
 
 
 def vq_cpu() -> Config:
-    return make_preset("mcga_vq", "vq_cpu", VQ_MODEL, CPU_BUILTIN, crop=32, batch_size=8,
+    return make_preset("mcga_vq", "cpu", VQ_MODEL, CPU_BUILTIN, crop=32, batch_size=8,
                        steps=600, lr=2e-3, warmup_steps=30, eval_every=300, ckpt_every=300,
                        **VQ_LOSS)
 
 
 def vq_smoke() -> Config:
-    return make_preset("mcga_vq", "vq_smoke", VQ_MODEL, SMOKE, rgb_norm="none", **VQ_LOSS)
+    return make_preset("mcga_vq", "smoke", VQ_MODEL, SMOKE, rgb_norm="none", **VQ_LOSS)
 
 
 # ----------------------------------------------------------------------------- stage 2

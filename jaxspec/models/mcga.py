@@ -198,7 +198,8 @@ class MSReconstruction(nn.Module):
             r = ResBlock(self.width, name=f"up{i}_res")(r)
             parts.append(Conv2d(self.width, (3, 3), use_bias=True, name=f"phi{i}")(gelu(r)))
         f = jnp.concatenate(parts, -1)
-        return Conv2d(self.out_channels, (3, 3), use_bias=True, name="phi_out")(gelu(f)), infos
+        out = Conv2d(self.out_channels, (3, 3), use_bias=True, name="phi_out")(gelu(f))
+        return out, infos[::-1]   # infos in scale order 1..S
 
 
 def _vq_aux(infos, num_codes: int, losses: bool) -> dict:
@@ -208,11 +209,10 @@ def _vq_aux(infos, num_codes: int, losses: bool) -> dict:
     if losses:
         aux["vq_embed"] = sum(inf["embed"] for inf in infos)
         aux["vq_commit"] = sum(inf["commit"] for inf in infos)
-    n = len(infos)
-    for k, inf in enumerate(infos):
+    for k, inf in enumerate(infos):          # infos in scale order 1..S
         stats = code_statistics(inf["idx"], num_codes)
-        aux[f"stat_perplexity_{n - k}"] = stats["perplexity"]
-        aux[f"stat_usage_{n - k}"] = stats["usage"]
+        aux[f"stat_perplexity_{k + 1}"] = stats["perplexity"]
+        aux[f"stat_usage_{k + 1}"] = stats["usage"]
     return aux
 
 
