@@ -111,6 +111,7 @@ METHOD_MODULES: dict[str, str] = {
     "mstpp": "jaxspec.models.mstpp",
     "acc": "jaxspec.models.acc",
     "ccnet": "jaxspec.models.ccnet",
+    "mcga": "jaxspec.models.mcga", "mcga_vq": "jaxspec.models.mcga",
 }
 _IMPORT_ERRORS: dict[str, str] = {}
 

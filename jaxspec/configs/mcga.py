@@ -1,0 +1,70 @@
+"""MCGA presets: stage 1 (``mcga_vq``: ``vq_paper`` / ``vq_cpu`` / ``vq_smoke``) and stage 2
+(``mcga``: ``paper`` / ``cpu`` / ``smoke``), plus :func:`stage2` which points a stage-2 config at
+a stage-1 (or mixture-of-codebooks) workdir.
+
+* Optimiser [P]: AdamW lr 4e-4 with the VQ-VAE-2 "CycleScheduler" read as linear warm-up over
+  5 % of the steps then cosine (methods.md §3b); weight decay 1e-2, batch 16, 128x128 crops and
+  the step counts are [I] (the paper gives none).
+* Stage-1 loss (Eq. 1): Charbonnier + beta (L_1 + L_2), L_i = embed + beta commit. In stage 1
+  L_2 == L_1 (same vectors, same codebook), so the weights are ``vq_embed: 2 beta`` and
+  ``vq_commit: 2 beta^2``. Stage-2 loss: Charbonnier only (no VQ loss: the codebooks are frozen).
+* Stage 2 freezes ``moc`` (codebooks) and ``decoder`` (Alg. 2); test-time adaptation (off by
+  default, ``adapt_steps``) updates only the GA attention Linear layers (Eq. 6).
+"""
+from __future__ import annotations
+
+from jaxspec.configs.base import CPU_BUILTIN, PAPER_ARAD1K, SMOKE, Config, make_preset
+
+BETA = 0.25
+SCALES = 2
+WIDTH = 32          # stage-1 encoder/decoder width (stage 2 reuses the decoder: keep equal)
+
+VQ_MODEL = dict(scales=SCALES, num_codes=512, width=WIDTH, random_mask=True)
+MODEL = dict(scales=SCALES, num_codes=512, width=WIDTH, ganet_width=29, enc_blocks=0,
+             dec_blocks=1, top_k=256, full_attention=False, use_moc=True)
+
+VQ_LOSS = dict(loss="charbonnier", aux_loss_weights={"vq_embed": 2 * BETA,
+                                                     "vq_commit": 2 * BETA * BETA})
+STAGE2 = dict(loss="charbonnier", frozen=("^moc/", "^decoder/"), adapt_params=("ga_linear/",),
+              adapt_lr=1e-4, adapt_optimizer="adam")
+PAPER = dict(PAPER_ARAD1K, optimizer="adamw", lr=4e-4, weight_decay=1e-2, crop=128,
+             batch_size=16, rgb_norm="minmax")
+
+
+# ----------------------------------------------------------------------------- stage 1
+def vq_paper() -> Config:
+    return make_preset("mcga_vq", "paper", VQ_MODEL, PAPER, steps=100_000, warmup_steps=5_000,
+                       **VQ_LOSS)
+
+
+def vq_cpu() -> Config:
+    return make_preset("mcga_vq", "cpu", VQ_MODEL, CPU_BUILTIN, crop=32, batch_size=8,
+                       steps=600, lr=2e-3, warmup_steps=30, eval_every=300, ckpt_every=300,
+                       **VQ_LOSS)
+
+
+def vq_smoke() -> Config:
+    return make_preset("mcga_vq", "smoke", VQ_MODEL, SMOKE, rgb_norm="none", **VQ_LOSS)
+
+
+# ----------------------------------------------------------------------------- stage 2
+def paper() -> Config:
+    return make_preset("mcga", "paper", MODEL, PAPER, steps=100_000, warmup_steps=5_000,
+                       **STAGE2)
+
+
+def cpu() -> Config:
+    return make_preset("mcga", "cpu", MODEL, CPU_BUILTIN, crop=32, batch_size=8, steps=600,
+                       lr=2e-3, warmup_steps=30, eval_every=300, ckpt_every=300, **STAGE2)
+
+
+def smoke() -> Config:
+    return make_preset("mcga", "smoke", MODEL, SMOKE, rgb_norm="none", **STAGE2)
+
+
+def stage2(config: Config, stage1_workdir: str, which: str = "best") -> Config:
+    """``config`` with ``init_from`` copying the codebooks (``moc``) and the Alg. 2 decoder
+    (``decoder``) from the stage-1 (or mixture) run in ``stage1_workdir``."""
+    return config.replace(init_from=tuple(
+        {"workdir": str(stage1_workdir), "subtree": sub, "target": sub, "which": which}
+        for sub in ("moc", "decoder")))
