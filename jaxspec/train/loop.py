@@ -529,11 +529,14 @@ def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
             s, m = pending.pop(0)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not all(_finite(m[k]) for k in ("loss", "grad_norm", "param_norm") if k in m):
-                try:   # names the step, the non-finite value and the last healthy checkpoint
-                    mon.check(s, m.get("param_norm", 0.0), loss=m["loss"],
-                              grad_norm=m["grad_norm"])
-                except DivergenceError as err:
-                    stop_diverged(err)
+                good = mon.last_good_step
+                where = (f"step {good} in {run.workdir / 'checkpoints'} (resume with --resume)"
+                         if good is not None else "none (no healthy checkpoint was saved)")
+                stop_diverged(DivergenceError(
+                    f"non-finite training loss at step {s} (loss={m['loss']}, "
+                    f"grad_norm={m['grad_norm']}, param_norm={m.get('param_norm')}); stopped. "
+                    f"The last good checkpoint is {where}. Consider a lower lr (--set lr=...), "
+                    f"warm-up (--set warmup_steps=...) or clipping (--set grad_clip=1.0)."))
             m["step"] = s
             last_m.clear()
             last_m.update(m)
