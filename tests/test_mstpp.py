@@ -128,7 +128,10 @@ def test_registry_and_presets():
         128, 20, 4e-4, 1e-6, 300_000)
     assert (paper.optimizer, paper.b1, paper.b2, paper.loss, paper.rgb_norm) == (
         "adam", 0.9, 0.999, "mrae", "minmax")
-    assert paper.dataset == "arad1k" and paper.eval_crop_border == 128
+    # the 128-pixel border comes from the arad1k builder (it must not leak into other datasets)
+    from jaxspec.train.loop import protocol_crop_border
+    assert paper.dataset == "arad1k" and paper.eval_crop_border is None
+    assert protocol_crop_border(paper) == 128
     smoke = cfgs["smoke"]
     assert smoke.crop == 16 and smoke.batch_size == 2 and 2 <= smoke.steps <= 3
     cpu = cfgs["cpu"]

@@ -190,3 +190,14 @@ def test_train_cli_user_errors_one_line(tmp_path, capsys, extra, needle):
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("train.py: error:") and needle in line
     assert not work.exists() or not any(work.iterdir())     # checked before anything is written
+
+
+def test_evaluate_user_errors_one_line(run_dir, tmp_path, capsys):
+    from jaxspec import evaluate
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(run_dir), "--tile", "0"]) == 2
+    assert "--tile" in _one_line(capsys.readouterr().err)
+    (tmp_path / "afile").write_text("x")
+    assert evaluate.main(["--workdir", str(run_dir), "--out",
+                          str(tmp_path / "afile" / "e.json")]) == 6
+    assert "evaluation output directory" in _one_line(capsys.readouterr().err)

@@ -208,7 +208,7 @@ PAPER_ARAD1K = dict(  # the NTIRE 2022 / ARAD-1K protocol the RGB->HSI papers tr
     schedule="cosine", b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=None, loss="mrae",
     log_every=100, eval_every=1000, ckpt_every=1000)
 CPU_BUILTIN = dict(  # a few minutes on 2 CPU cores on the built-in data (linear RGB in [0, 1])
-    dataset="spectral_scenes", rgb_norm="none", max_eval_images=8,
+    dataset="spectral_scenes", rgb_norm="none",  # all 50 validation images select and score
     optimizer="adam", lr_min=1e-6, schedule="cosine", b1=0.9, b2=0.999, log_every=25)
 SMOKE = dict(  # two steps, for tests
     dataset="spectral_scenes", crop=16, batch_size=2, max_eval_images=2,

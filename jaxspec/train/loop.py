@@ -2,10 +2,13 @@
 
 It is assembled from reusable pieces (each importable; the step kinds share them):
 
-1. :func:`prepare` -> :class:`Run`: the method, its task (:mod:`jaxspec.tasks`), the data
-   sources, the config resolved against the data (band count, fusion scale: a mismatch stops
-   here), model, mesh and checkpointer; ``config.json`` (the resolved config) and ``bands.json``
-   are written (process 0).
+1. :func:`prepare` -> :class:`Run`: the config validated (optimizer, schedule, loss, warm-up,
+   crop, select metric) and the workdir checked writable before any data work; the method,
+   its task (:mod:`jaxspec.tasks`), the data sources, the config resolved against the data
+   (band count, fusion scale: a mismatch stops here), model and mesh. Nothing is written yet:
+   under the :class:`~jaxspec.train.workdir.WorkdirLock` (process 0), :func:`check_workdir`
+   refuses a resume whose config would change the run, then :func:`write_run_files` writes
+   ``config.json`` (the resolved config), ``bands.json`` and ``input.json`` atomically.
 2. :func:`init_state`: the state initialised replicated over the ``('data',)`` mesh from the
    task's example inputs, then the ``config.init_from`` subtrees copied in from other runs'
    checkpoints (staged training).
@@ -15,8 +18,11 @@ It is assembled from reusable pieces (each importable; the step kinds share them
    reproduces an uninterrupted one exactly.
 4. :func:`iterate`: the step (``jaxspec.train.steps``, by ``method.step_kind``) jitted once with
    the state donated; diagnostics fetched one step late (the host prepares the next batch while
-   the device computes); a non-finite loss or gradient norm stops the run with a
-   ``FloatingPointError`` before anything non-finite is checkpointed. At the boundaries
+   the device computes); a non-finite loss, gradient norm or parameter norm stops the run with
+   a :class:`~jaxspec.errors.DivergenceError` before anything non-finite is checkpointed, and
+   at each checkpoint boundary a :class:`~checkpointing.HealthMonitor` refuses parameters more
+   than 10x away from the last healthy checkpoint (named in the message). Checkpoint metas
+   carry the run's ``run_id`` and ``param_norm``; ``best/`` of another run is set aside. At the boundaries
    :func:`periodic`: a ``metrics.jsonl`` line every ``log_every`` steps, a validation every
    ``eval_every`` steps that offers the best checkpoint, a full-state save every
    ``ckpt_every`` steps (keep last ``keep_last``). SIGTERM saves and returns.
@@ -529,11 +535,14 @@ def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
             s, m = pending.pop(0)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not all(_finite(m[k]) for k in ("loss", "grad_norm", "param_norm") if k in m):
-                try:   # names the step, the non-finite value and the last healthy checkpoint
-                    mon.check(s, m.get("param_norm", 0.0), loss=m["loss"],
-                              grad_norm=m["grad_norm"])
-                except DivergenceError as err:
-                    stop_diverged(err)
+                good = mon.last_good_step
+                where = (f"step {good} in {run.workdir / 'checkpoints'} (resume with --resume)"
+                         if good is not None else "none (no healthy checkpoint was saved)")
+                stop_diverged(DivergenceError(
+                    f"non-finite training loss at step {s} (loss={m['loss']}, "
+                    f"grad_norm={m['grad_norm']}, param_norm={m.get('param_norm')}); stopped. "
+                    f"The last good checkpoint is {where}. Consider a lower lr (--set lr=...), "
+                    f"warm-up (--set warmup_steps=...) or clipping (--set grad_clip=1.0)."))
             m["step"] = s
             last_m.clear()
             last_m.update(m)
