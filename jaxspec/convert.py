@@ -289,10 +289,10 @@ CONVERTERS: dict[str, Converter] = {
 
 
 def convert_checkpoint(method: str, state_dict: Mapping[str, np.ndarray],
-                       preset: str = "paper", extra: Mapping[str, Any] | None = None):
+                       preset: str = "paper"):
     """``(Config, variables)`` for ``method`` from a torch ``state_dict`` (names -> arrays;
     a ``module.`` prefix is stripped). The config is ``preset`` with the checkpoint's
-    architecture, the official inference protocol and ``extra`` added to ``config.extra``."""
+    architecture and the official inference protocol."""
     import jax
     import jax.numpy as jnp
 
@@ -304,7 +304,6 @@ def convert_checkpoint(method: str, state_dict: Mapping[str, np.ndarray],
     m = registry.get(method)
     base = m.config(preset)
     cfg = base.replace(model={**dict(base.model), **conv.model_kwargs(state_dict)},
-                       extra={**dict(base.extra), **dict(extra or {})},
                        **dict(conv.config_updates))
     module = m.model(cfg)
     s = m.stride * 2
@@ -317,17 +316,22 @@ def convert_checkpoint(method: str, state_dict: Mapping[str, np.ndarray],
 
 def write_workdir(workdir: str | os.PathLike, config, variables: Mapping[str, Any],
                   meta: Mapping[str, Any] | None = None) -> Path:
-    """Write ``config.json`` and ``variables`` as the best checkpoint (step 0, ``mrae = inf``:
-    never validated here) of a new workdir; refuses a workdir that already holds checkpoints."""
+    """Write ``config.json``, ``converted.json`` (``meta``: where the weights came from) and
+    ``variables`` as the best checkpoint (step 0, ``mrae = inf``: never validated here) of a new
+    workdir; refuses a workdir that already holds checkpoints."""
+    from jaxspec.fs import write_json_atomic
     from jaxspec.train import checkpointing
     workdir = Path(workdir).absolute()
     if checkpointing.has_checkpoint(workdir):
         raise ValueError(f"{workdir} already holds checkpoints; choose a new --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    write_json_atomic(workdir / "config.json", config.to_dict())
+    write_json_atomic(workdir / "converted.json", dict(meta or {}))
+    tree = {"params": variables["params"],
+            **{k: v for k, v in variables.items() if k != "params" and v}}
+    run_meta = {"step": 0, "run_id": checkpointing.new_run_id(), **dict(meta or {})}
     with checkpointing.Checkpointer(workdir / "checkpoints", async_save=False) as ck:
-        ck.save_best(0, tree, {"mrae": math.inf}, {"step": 0, **dict(meta or {})})
+        ck.save_best(0, tree, {"mrae": math.inf}, run_meta)
         ck.wait()
     return workdir
 
@@ -370,7 +374,7 @@ def main(argv=None) -> int:
         sd = load_torch_state_dict(a.checkpoint)
         meta = {"converted_from": str(Path(a.checkpoint).absolute()),
                 "source": CONVERTERS[a.method].source}
-        cfg, variables = convert_checkpoint(a.method, sd, a.preset, extra=meta)
+        cfg, variables = convert_checkpoint(a.method, sd, a.preset)
         wd = write_workdir(a.workdir, cfg, variables, meta)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -250,7 +250,7 @@ def _random_state(model, cfg, seed=0):
                           shapes["params"])
     tx = optim.make_optimizer(cfg)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      batch_stats={}, rng=jax.random.PRNGKey(seed), apply_fn=model.apply,
+                      model_state={}, rng=jax.random.PRNGKey(seed), apply_fn=model.apply,
                       tx=tx)
 
 

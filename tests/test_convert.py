@@ -69,7 +69,8 @@ def test_official_checkpoint_matches_torch_forward(official, tmp_path):
     wd = tmp_path / "wd"
     assert convert.main(["mstpp", str(path), "--workdir", str(wd)]) == 0
     conf = json.loads((wd / "config.json").read_text())
-    assert conf["rgb_norm"] == "minmax" and conf["extra"]["converted_from"].endswith(".pth")
+    assert conf["rgb_norm"] == "minmax"
+    assert json.loads((wd / "converted.json").read_text())["converted_from"].endswith(".pth")
     import jaxspec
     model, loaded = jaxspec.load(wd)
     got2 = np.asarray(model.apply(loaded, jnp.asarray(x)))

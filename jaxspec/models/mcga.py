@@ -481,8 +481,6 @@ def is_stat(name: str) -> bool:
 
 
 def _data_loss(config):
-    if config.loss == "charbonnier":
-        return charbonnier
     from jaxspec.train import losses as losses_lib
     return losses_lib.get_loss(config.loss)
 
@@ -551,3 +549,8 @@ def _register():
 
 
 _register()
+
+
+# "charbonnier" (Eq. 2) as a named loss, so the engine validates config.loss like any other
+from jaxspec.train import losses as _losses_lib  # noqa: E402
+_losses_lib.LOSSES["charbonnier"] = charbonnier
