@@ -872,10 +872,14 @@ def smooth_inverse(rgb: Array, srf: Array, lam: float = 1e-2) -> Array:
     c = s.shape[1]
     d = np.diff(np.eye(c), axis=0)
     dtd = jnp.asarray(d.T @ d, jnp.float32)
-    sst = jnp.einsum("bck,bdk->bcd", s, s)
+    hi = jax.lax.Precision.HIGHEST
+    sst = jnp.einsum("bck,bdk->bcd", s, s, precision=hi)
     scale = jnp.trace(sst, axis1=1, axis2=2)[:, None, None] / c
     a = sst + lam * scale * dtd
     m = jnp.linalg.solve(a, s)                                     # (B, C, 3) = A^{-1} S
+    # One step of iterative refinement: A is ill-conditioned for small lam and a float32 LU
+    # leaves ~1e-4 relative error whose size depends on the LAPACK build (jax 0.10 vs 0.12).
+    m = m + jnp.linalg.solve(a, s - jnp.einsum("bcd,bdk->bck", a, m, precision=hi))
     return jnp.einsum("bhwk,bck->bhwc", rgb, m, precision=jax.lax.Precision.HIGHEST)
 
 
