@@ -253,7 +253,11 @@ def prepare(config: Config, workdir, *, train_source=None, eval_source=None, dev
 
     # data
     missing = []
-    if eval_source is None:
+    if eval_source is None:   # a dataset without 'validation' evaluates on 'test' (logged)
+        from jaxspec import data as data_lib
+        config = config.replace(eval_split=data_lib.resolve_eval_split(
+            dataset_name(config), config.eval_split, data_dir=config.data_dir,
+            manual_dir=config.manual_dir))
         missing.append(config.eval_split)
     streams = bool(config.streams)
     if trains and train_source is None and not streams:
