@@ -47,10 +47,10 @@ def evaluate_workdir(workdir: str | os.PathLike, *, dataset: str | None = None,
     if crop_border is not None:
         updates["eval_crop_border"] = crop_border
     cfg = cfg.replace(**updates) if updates else cfg
-    from jaxspec import data as data_lib
-    split = data_lib.resolve_eval_split(loop.dataset_name(cfg), split or cfg.eval_split,
-                                        data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
-    source = loop.load_sources(cfg, [split])[split]
+    split = split or cfg.eval_split
+    cfg = cfg.replace(eval_split=split)
+    source = loop.load_sources(cfg, [split])[split]    # no 'validation': 'test' (logged)
+    split = str(getattr(source, "split", split))
     n_bands, _ = tasks.source_bands(source)
     tasks.resolve_config(cfg, model.method, n_bands, where=f"dataset {loop.dataset_name(cfg)!r}")
     task = model.task
