@@ -125,4 +125,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from jaxspec.errors import run_cli
+
+    def _cli(argv=None) -> int:   # main returns its results; the command exits 0
+        main(argv)
+        return 0
+    sys.exit(run_cli(_cli, sys.argv[1:], prog="bench/baselines.py"))

@@ -511,4 +511,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxspec.errors import run_cli
+    sys.exit(run_cli(main, prog="bench/benchmark.py"))

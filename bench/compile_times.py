@@ -90,10 +90,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    import _cli
     import jax
 
     from jaxspec import registry
     names = a.methods or registry.names()
+    for name in names:                      # names and presets checked before compiling
+        registry.get(name).config(a.preset)
+    _cli.positive("--height", a.height)
+    _cli.positive("--width", a.width)
+    if a.json:
+        _cli.output_file(a.json, "--json")
     rows = []
     print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPUs")
     for name in names:
@@ -112,5 +119,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """``python bench/compile_times.py``: :func:`main` with one-line errors and exit codes."""
+    import _cli
+    return _cli.entry(main, "bench/compile_times.py")(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

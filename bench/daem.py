@@ -249,14 +249,23 @@ def table(title, rows):
 def main(argv=None):
     args = parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    scales = [int(v) for v in args.scales.split(",")]
-    protocols = args.protocols.split(",")
-    variants = args.variants.split(",")
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"unknown variant {v!r}; choose from {VARIANTS}")
-    baselines = [m for m in args.baselines.split(",") if m]
-    record = tuple(int(v) for v in args.finetune_steps.split(","))
+    import _cli
+    # every option checked before the first image is loaded
+    scales = _cli.ints("--scales", args.scales, minimum=2)
+    protocols = _cli.names("--protocols", args.protocols, fusion_bench.PROTOCOLS)
+    variants = _cli.names("--variants", args.variants, VARIANTS)
+    baselines = ([m.strip() for m in args.baselines.split(",") if m.strip()]
+                 and _cli.names("--baselines", args.baselines, fusion_bench.METHODS))
+    record = tuple(_cli.ints("--finetune-steps", args.finetune_steps, minimum=0))
+    _cli.names("--datasets", args.datasets, ("cave", "spectral_scenes"))
+    for opt, v in (("--max-images", args.max_images), ("--train-images", args.train_images),
+                   ("--steps", args.steps), ("--batch", args.batch), ("--block", args.block),
+                   ("--cnmf-iters", args.cnmf_iters),
+                   ("--cnmf-endmembers", args.cnmf_endmembers)):
+        _cli.positive(opt, v)
+    _cli.output_file(args.out, "--out")
+    if args.figure:
+        _cli.output_file(args.figure, "--figure")
     srf = physics.get_srf("daem_nikon")
     folds = {}      # dataset -> [(train cubes, test cubes)]
     for ds in args.datasets.split(","):
@@ -273,7 +282,7 @@ def main(argv=None):
             folds["spectral_scenes"] = [(list(_scenes("train", args.train_images)),
                                          list(fusion_bench.scenes_cubes(args.max_images)))]
         else:
-            raise SystemExit(f"unknown dataset {ds!r}")
+            raise AssertionError(ds)  # checked above
     out = {"settings": vars(args), "training": {}, "results": {ds: {} for ds in folds}}
     rows = {ds: {} for ds in folds}
     fig_runs = []
@@ -338,5 +347,11 @@ def _scenes(split, limit):
         yield str(i), fusion_bench.minmax(src[i]["hsi"])
 
 
+def cli(argv=None) -> int:
+    """``python bench/daem.py``: :func:`main` with one-line errors and exit codes."""
+    import _cli
+    return _cli.entry(main, "bench/daem.py")(argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

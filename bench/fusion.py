@@ -198,17 +198,20 @@ def table(title, res) -> str:
 
 
 def main(argv=None) -> dict:
+    import _cli
     args = parse_args(argv)
-    scales = [int(v) for v in args.scales.split(",")]
-    methods = args.methods.split(",")
-    protocols = args.protocols.split(",")
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {METHODS}")
-    for p in protocols:
-        if p not in PROTOCOLS:
-            raise SystemExit(f"unknown protocol {p!r}; choose from {PROTOCOLS}")
+    # every option checked before the first image is loaded
+    scales = _cli.ints("--scales", args.scales, minimum=2)
+    methods = _cli.names("--methods", args.methods, METHODS)
+    protocols = _cli.names("--protocols", args.protocols, PROTOCOLS)
+    _cli.names("--datasets", args.datasets, ("cave", "spectral_scenes"))
+    _cli.positive("--max-images", args.max_images)
+    _cli.positive("--cnmf-iters", args.cnmf_iters)
+    _cli.positive("--cnmf-endmembers", args.cnmf_endmembers)
     srf = physics.get_srf(args.srf)
+    dest = args.out or str(Path(__file__).with_name(
+        "fusion_results_engine.json" if args.engine else "fusion_results.json"))
+    _cli.output_file(dest, "--out")
     out: dict = {"settings": vars(args), "results": {}}
     for ds in args.datasets.split(","):
         if ds == "cave":
@@ -222,7 +225,7 @@ def main(argv=None) -> dict:
             cubes, title = (scenes_cubes(args.max_images, args.engine),
                             "spectral_scenes validation")
         else:
-            raise SystemExit(f"unknown dataset {ds!r}: cave or spectral_scenes")
+            raise AssertionError(ds)  # checked above
         if args.engine:
             res = evaluate_engine(cubes, scales, methods, protocols, args.srf, args)
             title += ", fusion task (train_and_evaluate)"
@@ -232,11 +235,15 @@ def main(argv=None) -> dict:
         print(table(f"{title}, {n} images, SRF {args.srf}, known PSF/SRF", res), flush=True)
         print()
         out["results"][ds] = {f"x{s}/{p}/{m}": r for (s, p, m), r in res.items()}
-    dest = args.out or str(Path(__file__).with_name(
-        "fusion_results_engine.json" if args.engine else "fusion_results.json"))
     Path(dest).write_text(json.dumps(out, indent=1))
     return out
 
 
+def cli(argv=None) -> int:
+    """``python bench/fusion.py``: :func:`main` with one-line errors and exit codes."""
+    import _cli
+    return _cli.entry(main, "bench/fusion.py")(argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -75,7 +75,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="override for both stages")
     ap.add_argument("--adapt-steps", type=int, default=0, help="TTA steps in stage 2's eval")
     args = ap.parse_args(argv)
+    import _cli
     wd = Path(args.workdir)
+    registry.get("mcga").config(args.preset)       # unknown preset: one line, exit 2
+    _cli.positive("--adapt-steps", args.adapt_steps, minimum=0)
+    _cli.output_dir(wd, "--workdir")
     cfg1 = apply_overrides(registry.get("mcga_vq").config(args.preset), args.set)
     train_and_evaluate(cfg1, wd / "stage1")
     cfg2 = apply_overrides(registry.get("mcga").config(args.preset), args.set)
@@ -103,5 +107,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """``python bench/mcga.py``: :func:`main` with one-line errors and exit codes."""
+    import _cli
+    return _cli.entry(main, "bench/mcga.py")(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -24,18 +24,21 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from jaxspec.errors import UsageError  # noqa: E402
 TABLE = ("mrae", "rmse", "psnr", "sam", "ssim")
 
 
 def parse_trial(spec: str) -> tuple[str, list[str]]:
     if ":" not in spec:
-        raise SystemExit(f"--trial expects NAME:key=value,..., got {spec!r}")
+        raise UsageError(f"--trial expects NAME:key=value,..., got {spec!r}")
     name, rest = spec.split(":", 1)
     sep = ";" if ";" in rest else ","
     sets = [s.strip() for s in rest.split(sep) if s.strip()]
     for s in sets:
         if "=" not in s:
-            raise SystemExit(f"trial {name!r}: {s!r} is not key=value")
+            raise UsageError(f"trial {name!r}: {s!r} is not key=value")
     return name.strip(), sets
 
 
@@ -69,10 +72,20 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default="runs/sweep")
     args = p.parse_args(argv)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    import _cli
+
+    from jaxspec import registry
+    from jaxspec.configs.base import apply_overrides
     trials = [parse_trial(t) for t in args.trial]
     if len({n for n, _ in trials}) != len(trials):
-        raise SystemExit("trial names must be unique")
+        raise UsageError("trial names must be unique")
+    _cli.positive("--jobs", args.jobs)
+    # the method, preset and every trial's overrides are checked before the first trial runs
+    method = registry.get(args.method)
+    base = method.config(args.preset or "cpu")
+    for name, sets in trials:
+        apply_overrides(base, list(args.common) + list(sets))
+    _cli.output_dir(args.out, "--out")
     if args.jobs > 1:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     done: dict[str, dict] = {}
@@ -103,5 +116,11 @@ def main(argv=None) -> int:
     return 0 if all(r["rc"] == 0 for r in recs) else 1
 
 
+def cli(argv=None) -> int:
+    """``python bench/sweep.py``: :func:`main` with one-line errors and exit codes."""
+    import _cli
+    return _cli.entry(main, "bench/sweep.py")(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -60,6 +60,12 @@ def main(argv=None) -> int:
     p.add_argument("--pause", type=float, default=1.0, help="seconds between timed runs")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    import _cli
+    for opt in ("threads", "repeats", "train_repeats", "height", "width", "crop", "batch"):
+        _cli.positive("--" + opt.replace("_", "-"), getattr(a, opt))
+    if a.json:
+        _cli.output_file(a.json, "--json")
 
     cpus = sorted(os.sched_getaffinity(0))
     if a.threads > len(cpus):
@@ -213,5 +219,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """``python bench/torch_compare.py``: :func:`main` with one-line errors and exit codes."""
+    import _cli
+    return _cli.entry(main, "bench/torch_compare.py")(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -157,6 +157,15 @@ def main(argv=None):
                    help="reuse the baseline rows of an earlier --out file")
     p.add_argument("--out", default=str(HERE / "ussr_results.json"))
     args = p.parse_args(argv)
+    import _cli
+    from jaxspec.errors import DataNotFoundError, UsageError
+    for opt in ("train_steps", "segmenter_steps", "seed"):
+        _cli.positive("--" + opt.replace("_", "-"), getattr(args, opt), minimum=0)
+    _cli.positive("--crop", args.crop)
+    _cli.positive("--batch", args.batch)
+    if args.workdir is not None and not (Path(args.workdir) / "config.json").is_file():
+        raise UsageError(f"--workdir {args.workdir}: not a training workdir (no config.json)")
+    _cli.output_file(args.out, "--out")
 
     import jax.numpy as jnp
 
@@ -167,7 +176,8 @@ def main(argv=None):
     log = lambda s: print(s, flush=True)
     cave_root = shared_data_dir() / "cave"
     if not cave_root.is_dir():
-        raise SystemExit(f"CAVE scenes not found under {cave_root}")
+        raise DataNotFoundError(f"CAVE scenes not found under {cave_root} (set "
+                                f"JAXSPEC_SHARED_DATA to the folder holding cave/)")
     db = camspec_path()
     dictionary = U.load_srf_dictionary(str(db) if db else "builtin")
     names = list(dictionary.names)
@@ -175,6 +185,11 @@ def main(argv=None):
     if test_name in names:
         test_srf = dictionary.curves[names.index(test_name)]
     else:
+        try:
+            physics.get_srf(test_name)
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"--test-srf {test_name!r}: not a camera of the dictionary "
+                             f"({len(names)} cameras) nor a built-in SRF ({e})") from None
         test_srf = np.asarray(physics.get_srf(test_name), np.float32)
         test_srf = test_srf / test_srf.sum(axis=0, keepdims=True)
     log(f"dictionary: {dictionary.n_cameras} cameras from {dictionary.source}; test camera "
@@ -242,5 +257,11 @@ def main(argv=None):
         log(f"SRF of the dictionary mean vs {test_name}: {results['srf_dictionary_mean']}")
 
 
+def cli(argv=None) -> int:
+    """``python bench/ussr.py``: :func:`main` with one-line errors and exit codes."""
+    import _cli
+    return _cli.entry(main, "bench/ussr.py")(argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

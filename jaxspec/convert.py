@@ -102,7 +102,15 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("reading a PyTorch checkpoint needs torch: pip install "
                           "'jaxspec[convert]' (CPU wheel: pip install 'torch==2.13.0+cpu')") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises pickle/zip/runtime errors on bad files
+        from jaxspec.errors import InputError
+        why = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        if "Weights only load failed" in why:
+            why = "torch.load(weights_only=True) refused it: not a torch.save file of tensors"
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                         f"{why[:300]})") from e
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "net"):
             if key in obj and isinstance(obj[key], Mapping):
@@ -363,6 +371,14 @@ def load_module_from_file(path: str | os.PathLike, name: str | None = None):
 
 
 def main(argv=None) -> int:
+    """``python -m jaxspec.convert``: :func:`_main` under :func:`jaxspec.errors.run_cli` (user
+    errors: one line ``jaxspec.convert: error: ...`` on stderr; exit 2 for a bad argument or
+    checkpoint file, 6 for an unwritable ``--workdir``; docs/reliability.md)."""
+    from jaxspec.errors import run_cli
+    return run_cli(_main, argv, prog="jaxspec.convert")
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxspec.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("method", choices=sorted(CONVERTERS))
@@ -370,15 +386,26 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="new jaxspec workdir to write")
     p.add_argument("--preset", default="paper", help="preset the config starts from")
     a = p.parse_args(argv)
+    from jaxspec import registry
+    from jaxspec.errors import InputNotFoundError, UsageError
+    from jaxspec.train import checkpointing
+    from jaxspec.train.workdir import check_output_writable
+    # every check before torch is imported and the checkpoint read
+    ckpt = Path(a.checkpoint)
+    if not ckpt.is_file():
+        raise InputNotFoundError(f"checkpoint file not found: {ckpt}")
+    registry.get(a.method).config(a.preset)           # unknown preset: UsageError
+    workdir = Path(a.workdir).absolute()
+    if checkpointing.has_checkpoint(workdir):
+        raise UsageError(f"{workdir} already holds checkpoints; choose a new --workdir")
+    check_output_writable(workdir, what="--workdir")
     try:
-        sd = load_torch_state_dict(a.checkpoint)
-        meta = {"converted_from": str(Path(a.checkpoint).absolute()),
-                "source": CONVERTERS[a.method].source}
-        cfg, variables = convert_checkpoint(a.method, sd, a.preset)
-        wd = write_workdir(a.workdir, cfg, variables, meta)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        sd = load_torch_state_dict(ckpt)
+    except ImportError as e:
+        raise UsageError(str(e)) from e
+    meta = {"converted_from": str(ckpt.absolute()), "source": CONVERTERS[a.method].source}
+    cfg, variables = convert_checkpoint(a.method, sd, a.preset)
+    wd = write_workdir(workdir, cfg, variables, meta)
     n = sum(int(np.prod(v.shape)) for v in _flatten(variables["params"]).values())
     print(f"converted {len(sd)} tensors ({n:,} parameters) of {a.checkpoint} -> {wd}\n"
           f"  model {dict(cfg.model)}, rgb_norm={cfg.rgb_norm!r}\n"

@@ -48,7 +48,9 @@ def evaluate_workdir(workdir: str | os.PathLike, *, dataset: str | None = None,
         updates["eval_crop_border"] = crop_border
     cfg = cfg.replace(**updates) if updates else cfg
     split = split or cfg.eval_split
-    source = loop.load_sources(cfg, [split])[split]
+    cfg = cfg.replace(eval_split=split)
+    source = loop.load_sources(cfg, [split])[split]    # no 'validation': 'test' (logged)
+    split = str(getattr(source, "split", split))
     n_bands, _ = tasks.source_bands(source)
     tasks.resolve_config(cfg, model.method, n_bands, where=f"dataset {loop.dataset_name(cfg)!r}")
     task = model.task
@@ -80,6 +82,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, dataset: str | None = None,
     if figures and res["examples"]:
         report.save_figures(out.parent / f"figures_{tag}", res["examples"])
     res["path"] = str(out)
+    res["dataset"], res["split"] = loop.dataset_name(cfg), split
     return res
 
 
@@ -121,7 +124,8 @@ def _main(argv=None) -> int:
                            overlap=a.overlap, crop_border=a.crop_border, which=a.which,
                            max_images=a.max_images, out=a.out, figures=a.figures,
                            adapt=a.adapt, adapt_steps=a.adapt_steps, adapt_lr=a.adapt_lr)
-    print(json.dumps({"images": res["num_images"], "mean": res["mean"], "path": res["path"]},
+    print(json.dumps({"dataset": res["dataset"], "split": res["split"],
+                      "images": res["num_images"], "mean": res["mean"], "path": res["path"]},
                      indent=2))
     return 0
 

@@ -201,3 +201,52 @@ def test_evaluate_user_errors_one_line(run_dir, tmp_path, capsys):
     assert evaluate.main(["--workdir", str(run_dir), "--out",
                           str(tmp_path / "afile" / "e.json")]) == 6
     assert "evaluation output directory" in _one_line(capsys.readouterr().err)
+
+
+def test_convert_user_errors_one_line(tmp_path, capsys):
+    """``python -m jaxspec.convert``: a missing / unreadable checkpoint, an unknown preset and an
+    unwritable --workdir are one line and exit 2 / 2 / 2 / 6, checked before torch reads
+    anything; nothing is written into the workdir."""
+    from jaxspec import convert
+    work = tmp_path / "w"
+    assert convert.main(["mstpp", str(tmp_path / "nope.pth"), "--workdir", str(work)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("jaxspec.convert: error:") and "nope.pth" in line
+    assert not work.exists()
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file" * 8)
+    assert convert.main(["mstpp", str(junk), "--workdir", str(work), "--preset", "nosuch"]) == 2
+    assert "no preset 'nosuch'" in _one_line(capsys.readouterr().err)
+    (tmp_path / "afile").write_text("x")
+    assert convert.main(["mstpp", str(junk), "--workdir", str(tmp_path / "afile" / "w")]) == 6
+    assert "--workdir" in _one_line(capsys.readouterr().err)
+    pytest.importorskip("torch")
+    assert convert.main(["mstpp", str(junk), "--workdir", str(work)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "junk.pth: not a readable PyTorch checkpoint" in line
+    assert not any(work.rglob("*.json")) and not (work / "checkpoints").exists()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv, code, needle", [
+    (["bench/fusion.py", "--scales", "8,x"], 2, "--scales: 'x' is not an integer"),
+    (["bench/daem.py", "--variants", "estimated,nosuch"], 2, "--variants: unknown 'nosuch'"),
+    (["bench/sweep.py", "--method", "mstpp", "--trial", "a:nosuch=1"], 2,
+     "unknown config key 'nosuch'"),
+    (["bench/fusion.py", "--out", "{tmp}/afile/out.json"], 6, "the directory of --out"),
+])
+def test_bench_user_errors_one_line(tmp_path, argv, code, needle):
+    """Bench commands (``python bench/<name>.py``) check their options and output location
+    before any data is loaded: one line ``bench/<name>.py: error: ...`` and the exit code."""
+    import os
+    (tmp_path / "afile").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, str(REPO / argv[0]), *argv[1:]], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == code, r.stderr
+    line = _one_line(r.stderr)
+    assert line.startswith(f"{argv[0]}: error:") and needle in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]   # nothing written

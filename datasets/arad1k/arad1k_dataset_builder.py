@@ -55,7 +55,11 @@ validation spectral and RGB archives into manual_dir:
     EXPECTED_LAYOUT = EXPECTED_LAYOUT
     N_BANDS = N_BANDS
     HSI_SCALE = "as stored (about [0, 1])"
-    RGB_SCALE = "0..255 (8-bit JPEG)"
+    RGB_DESCRIPTION = "0..255 (8-bit JPEG, simulated camera, no display tone curve)"
+    # The challenge RGB is simulated from the cubes (camera response, noise, JPEG), without an
+    # sRGB tone curve: linear code values 0..255. predict linearises an sRGB photo to match.
+    RGB_ENCODING = "linear"
+    RGB_SCALE = 255.0
     HOMEPAGE = "https://codalab.lisn.upsaclay.fr/competitions/721"
     CITATION = ("Arad et al., NTIRE 2022 Spectral Recovery Challenge and Data Set, CVPRW 2022; "
                 "Cai et al., MST++, CVPRW 2022 (split).")

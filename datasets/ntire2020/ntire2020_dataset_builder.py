@@ -61,7 +61,12 @@ into manual_dir:
     EXPECTED_LAYOUT = EXPECTED_LAYOUT
     N_BANDS = N_BANDS
     HSI_SCALE = "as stored (about [0, 1])"
-    RGB_SCALE = "0..255 (8-bit)"
+    RGB_DESCRIPTION = "0..255 (8-bit, hsi projected through the track's camera response)"
+    # Clean: "calculated numerically using the ground-truth HS images and supplied spectral
+    # sensitivity functions" (Arad et al. 2020), i.e. linear; RealWorld adds noise, demosaicing
+    # and JPEG to the same linear projection. Linear code values 0..255 for both tracks.
+    RGB_ENCODING = "linear"
+    RGB_SCALE = 255.0
     HOMEPAGE = "https://competitions.codalab.org/competitions/22225"
     CITATION = ("Arad et al., NTIRE 2020 Challenge on Spectral Reconstruction from an RGB "
                 "Image, CVPRW 2020.")

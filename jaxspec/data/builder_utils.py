@@ -6,7 +6,7 @@ other; the logic they have in common lives here, next to the file readers it cal
 
 * :class:`RealDatasetBuilder`: the base class. ``_info`` is assembled from declared class
   attributes (common schema of ``readers.common_features``, ``disable_shuffling``,
-  ``hsi_scale`` / ``rgb_scale`` / ``srf`` metadata); :meth:`~RealDatasetBuilder.manual_root`,
+  ``hsi_scale`` / ``rgb`` / ``rgb_encoding`` / ``rgb_scale`` / ``srf`` metadata); :meth:`~RealDatasetBuilder.manual_root`,
   :meth:`~RealDatasetBuilder.layout_error` and :meth:`~RealDatasetBuilder.require_dir` raise
   the ``FileNotFoundError`` naming the manual_dir, the expected layout and the first thing not
   found.
@@ -58,7 +58,11 @@ class RealDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
     A subclass declares ``name``, ``BUILDER_CONFIGS``, ``MANUAL_DOWNLOAD_INSTRUCTIONS``,
     ``EXPECTED_LAYOUT`` (the paths below manual_dir, quoted in every layout error), ``N_BANDS``,
-    ``HSI_SCALE`` (and ``RGB_SCALE`` for a native RGB), ``HOMEPAGE``, ``CITATION``, ``LICENSE``;
+    ``HSI_SCALE``, ``HOMEPAGE``, ``CITATION``, ``LICENSE``; a dataset with its own RGB states
+    ``RGB_DESCRIPTION`` and the input encoding of that RGB: ``RGB_ENCODING`` (``"linear"`` or
+    ``"srgb"``) and ``RGB_SCALE`` (the code value of full scale: 255 for 8-bit images), which
+    the training loop records in ``input.json`` so that ``predict`` converts a photo the same
+    way (defaults: the rendered ``hsi @ srf``, linear, scale 1);
     ``LABEL = True`` adds the ``label`` map; ``RENDERED = True`` (``rgb = hsi @ srf``, config a
     :class:`RenderConfig`) adds the ``srf`` feature and ``srf`` metadata. Further metadata come
     from :meth:`_extra_metadata`. It implements ``_split_generators`` and
@@ -72,7 +76,9 @@ class RealDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     LABEL: bool = False
     RENDERED: bool = False
     HSI_SCALE: str = ""
-    RGB_SCALE: str = "linear, hsi @ srf"
+    RGB_DESCRIPTION: str = "linear, hsi @ srf"
+    RGB_ENCODING: str = "linear"   # read by jaxspec.train.loop.input_record
+    RGB_SCALE: float = 1.0
     HOMEPAGE: str = ""
     CITATION: str = ""
     LICENSE: str = ""
@@ -82,7 +88,8 @@ class RealDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         return {}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        meta = {"hsi_scale": self.HSI_SCALE, "rgb_scale": self.RGB_SCALE}
+        meta = {"hsi_scale": self.HSI_SCALE, "rgb": self.RGB_DESCRIPTION,
+                "rgb_encoding": self.RGB_ENCODING, "rgb_scale": float(self.RGB_SCALE)}
         if self.RENDERED:
             meta["srf"] = self.builder_config.srf
         meta.update(self._extra_metadata())

@@ -233,6 +233,39 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def resolve_eval_split(builder_or_name, split: str, data_dir=None, manual_dir=None,
+                       config: str | None = None) -> str:
+    """The split to evaluate on, logged: ``split`` when the (prepared) dataset has it. A dataset
+    without a ``validation`` split (CAVE, ICVL, Harvard, KAIST, Chikusei: their protocols have
+    only train/test) evaluates on ``test`` when asked for ``validation`` (the default
+    ``eval_split``), with a warning that the validation and best-checkpoint selection then use
+    the test images (docs/datasets.md, "Evaluation split"); a TFDS slice (``validation[:5]``)
+    keeps its slice. Any other missing split is a ``UsageError`` listing the available ones."""
+    b = builder_or_name
+    if isinstance(b, str):
+        b = builder(b, data_dir=data_dir, manual_dir=manual_dir, config=config)
+    available = list(b.info.splits.keys())
+    label = b.name + (f"/{b.builder_config.name}" if getattr(b, "builder_config", None) else "")
+    if not isinstance(split, str) or not split:
+        raise UsageError(f"eval split must be a split name, got {split!r}; available: "
+                         f"{available}")
+    base = split.split("[", 1)[0]
+    if base not in available:
+        if base == "validation" and "test" in available:
+            new = "test" + split[len(base):]
+            log.warning("dataset %s has no 'validation' split (splits: %s); evaluating on "
+                        "'%s' instead: validation and best-checkpoint selection use the test "
+                        "images (--set eval_split=... to choose another)", label,
+                        ", ".join(available), new)
+            split = new
+        else:
+            raise UsageError(f"unknown split {split!r} for {label}; available: {available}")
+    n = b.info.splits[split.split("[", 1)[0]].num_examples
+    log.info("evaluating on split '%s' of dataset %s (%d examples in '%s')", split, label, n,
+             split.split("[", 1)[0])
+    return split
+
+
 def data_source(builder_or_name, split: str, data_dir=None, manual_dir=None,
                 config: str | None = None):
     """Random-access source (``len``, ``[i]`` -> dict of numpy arrays) of one split."""

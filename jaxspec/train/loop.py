@@ -97,7 +97,9 @@ def load_sources(config: Config, splits: Iterable[str], dataset: str | None = No
         cfg = sub or None
     b = data_lib.builder(name, data_dir=config.data_dir, manual_dir=config.manual_dir,
                          config=cfg)
-    return {s: data_lib.data_source(b, s) for s in splits}
+    # the eval split of a dataset without 'validation' is its 'test' split (logged)
+    return {s: data_lib.data_source(b, data_lib.resolve_eval_split(b, s)
+                                    if s == config.eval_split else s) for s in splits}
 
 
 def protocol_crop_border(config: Config) -> int:
@@ -259,7 +261,9 @@ def prepare(config: Config, workdir, *, train_source=None, eval_source=None, dev
     if trains and train_source is None and not streams:
         missing.append(config.train_split)
     srcs = load_sources(config, sorted(set(missing))) if missing else {}
-    eval_source = eval_source if eval_source is not None else srcs[config.eval_split]
+    if eval_source is None:   # the split load_sources resolved (no 'validation': 'test')
+        eval_source = srcs[config.eval_split]
+        config = config.replace(eval_split=str(getattr(eval_source, "split", config.eval_split)))
     if trains:
         if streams:
             train_source = _stream_sources(config, train_source)

@@ -18,11 +18,19 @@ LossFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 def mrae_loss(pred, gt, eps: float = 0.0):
     """Mean relative absolute error  L = mean(|pred - gt| / (gt + eps)).
 
-    ``eps=0`` is MST++'s ``Loss_MRAE`` exactly (gt must be positive: our datasets floor the
-    reflectance so gt > 0). The 2024 ``Loss_MRAE_custom`` variant corresponds to replacing zeros
-    of gt by 1e-8; use ``mrae_eps`` for data with zeros.
+    ``eps=0`` is MST++'s ``Loss_MRAE`` exactly when gt > 0 everywhere (the built-in data floor
+    the reflectance so gt > 0). Elements with gt <= 0 (exact zeros in CAVE, Harvard, Chikusei,
+    HySpecNet) are left out: the loss is then the mean over the elements with gt > 0 (0 when
+    there are none), finite with a finite gradient, instead of inf/nan. The 2024
+    ``Loss_MRAE_custom`` variant corresponds to replacing zeros of gt by 1e-8 (``mrae_eps``).
     """
-    return jnp.mean(jnp.abs(pred - gt) / (gt + eps))
+    if eps:
+        return jnp.mean(jnp.abs(pred - gt) / (gt + eps))
+    pos = gt > 0
+    rel = jnp.where(pos, jnp.abs(pred - gt) / jnp.where(pos, gt, 1), 0)
+    n = jnp.sum(pos)
+    return jnp.where(n == pos.size, jnp.mean(rel),
+                     jnp.sum(rel) / jnp.maximum(n, 1).astype(rel.dtype))
 
 
 def mrae_eps_loss(pred, gt):
