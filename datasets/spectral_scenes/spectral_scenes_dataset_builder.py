@@ -50,10 +50,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """Synthetic hyperspectral scenes (31 bands, 400-700 nm) with RGB renderings."""
 
     name = "spectral_scenes"
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release (generator 1.0.0).",
-                     "1.1.0": "Generator 1.1.0: 15 % equal-energy-lit scenes, exposure "
-                              "P99.9 log-uniform in [0.3, 0.9] instead of fixed 0.9."}
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release (generator 1.0.0)."}
     BUILDER_CONFIGS = [
         SpectralScenesConfig(name="clean", description="96x96, 400/50/50, CIE-1964 RGB, noiseless.",
                              height=96, width=96, num_examples=(400, 50, 50), rgb_mode="clean"),

@@ -28,15 +28,11 @@ Image formation (per pixel x, per band λ; a dichromatic reflection model, Shafe
   so highlights take the colour of the illuminant — a spatial cue to the illuminant that a
   per-pixel method cannot use.
 * ``E1, E2`` unit-luminance illuminants (``jaxspec.data.spectra``): daylight 4000-12000 K,
-  blackbody 2500-6500 K, CIE A/FL/HP/LED or a measured lamp, or the equal-energy illuminant
-  (flat spectrum: the radiance is the shaded reflectance, as in reflectance datasets such as
-  CAVE). With probability ``p_second``
+  blackbody 2500-6500 K, CIE A/FL/HP/LED or a measured lamp. With probability ``p_second``
   a second illuminant enters either as a cast shadow (soft-edged region lit by skylight
   at attenuation a ∈ [0.15, 0.6]) or as a smooth spatial gradient (window light + lamp).
-* ``k`` per-scene exposure: ``k = t / P99.9(L)`` with ``t`` log-uniform in
-  ``exposure_range`` (default [0.3, 0.9]), so 99.9 % of the radiance values are ≤ t (ARAD-1K's
-  cubes are normalised to about [0, 1]; real photos and reflectance cubes are not all exposed to
-  the top of the range); a few highlights may exceed 1.
+* ``k`` per-scene exposure: ``k = 0.9 / P99.9(L)``, so 99.9 % of the radiance values are
+  ≤ 0.9 (ARAD-1K's cubes are normalised to about [0, 1]); a few highlights may exceed 1.
 
 The per-pixel ``label`` is the material class (``spectra.MATERIAL_CLASSES``) of the material
 with the largest compositing weight at that pixel.
@@ -52,11 +48,12 @@ from scipy import ndimage
 
 from jaxspec.data import spectra as _sp
 
-GENERATOR_VERSION = "1.1.0"
+GENERATOR_VERSION = "1.0.0"
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 REFLECTANCE_FLOOR = 1e-3
 SHADING_FLOOR = 0.05
 EXPOSURE_PERCENTILE = 99.9
+EXPOSURE_TARGET = 0.9
 
 # Relative probability of choosing a class for an object's material (then uniform within).
 CLASS_WEIGHTS = {
@@ -90,9 +87,7 @@ class SceneConfig:
     p_second: float = 0.5              # probability of a second illuminant
     p_glossy: float = 0.35
     p_ground: float = 0.25             # textured top-down ground instead of wall + floor
-    illuminant_mix: tuple = (("daylight", 0.45), ("blackbody", 0.15), ("named", 0.25),
-                             ("equal_energy", 0.15))
-    exposure_range: tuple = (0.3, 0.9)  # P99.9 of the scaled radiance, log-uniform
+    illuminant_mix: tuple = (("daylight", 0.5), ("blackbody", 0.2), ("named", 0.3))
 
     def __post_init__(self):
         if self.height < 8 or self.width < 8:
@@ -282,8 +277,6 @@ def _sample_illuminant(rng, cfg, family=None):
         return f"daylight:{rng.uniform(4000.0, 12000.0):.1f}K"
     if family == "blackbody":
         return f"blackbody:{rng.uniform(2500.0, 6500.0):.1f}K"
-    if family == "equal_energy":
-        return "equal_energy"
     pool = _sp.illuminant_pool()
     return pool.names[int(rng.integers(len(pool)))]
 
@@ -508,9 +501,7 @@ def generate_scene(seed: int, split: str, index: int, *, config: SceneConfig = S
 
     radiance = (shade[..., None] * refl + spec[..., None]) * E
     p = float(np.percentile(radiance, EXPOSURE_PERCENTILE))
-    lo, hi = config.exposure_range
-    target = float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) if hi > lo else float(hi)
-    k = target / p
+    k = EXPOSURE_TARGET / p
     hsi = (radiance * k).astype(np.float32)
 
     params = {
@@ -520,7 +511,7 @@ def generate_scene(seed: int, split: str, index: int, *, config: SceneConfig = S
         "include_modelled": bool(include_modelled), "split_seed": int(split_seed),
         "illumination": illum_params,
         "light": {"elevation": float(el), "azimuth": float(az), "ambient": float(ambient)},
-        "exposure_scale": k, "exposure_target": target, "optical_blur_sigma": float(blur),
+        "exposure_scale": k, "optical_blur_sigma": float(blur),
         "materials": materials,
         "layers": [{"shape": L["shape"], "style": L["style"], "model": L["model"],
                     "materials": L["mats"], "gloss": float(L["gloss"])} for L in layers],

@@ -378,12 +378,9 @@ def illuminant_pool() -> IlluminantPool:
 def illuminant_from_id(illum_id: str) -> np.ndarray:
     """Spectrum for an id produced by the scene generator.
 
-    ``"daylight:6504K"``, ``"blackbody:3200K"`` (temperatures may be fractional),
-    ``"equal_energy"`` (CIE E, flat) or a named
+    ``"daylight:6504K"``, ``"blackbody:3200K"`` (temperatures may be fractional) or a named
     id from :func:`illuminant_pool` (``"cie:FL11"``, ``"lamp:HPS"``).
     """
-    if illum_id == "equal_energy":      # CIE illuminant E: flat, unit luminance
-        return np.ones(N_BANDS)
     kind, _, rest = illum_id.partition(":")
     if kind in ("daylight", "blackbody"):
         if not rest.endswith("K"):
