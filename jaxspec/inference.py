@@ -25,6 +25,10 @@ grid (fusion: ``lr_hsi`` 1, ``hr_msi`` s; the output s); ``None`` marks a non-sp
   neighbouring tiles overlap by >= O > 2m. For a network whose receptive-field radius is
   <= m, tiled and untiled outputs are equal (to float rounding); for larger receptive fields
   (U-Nets) the blend hides the seams and the difference shrinks with the overlap.
+* Streaming and memory: tiles are visited one row of tiles at a time and only that band of
+  output rows is accumulated; :func:`predict_rows` yields finished rows top to bottom (the
+  ``predict`` CLI appends them to its ``.npy`` output), and :func:`tile_for_memory` picks the
+  largest tile within a resident-memory bound from the compiled program's memory statistics.
 * Self-ensemble (MST++ ``test_challenge_code``): the mean over the 8 transforms
   g in {identity, flip H, flip W, transpose and their compositions} of g^{-1}(f(g(x))).
 """
