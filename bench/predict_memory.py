@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -46,9 +47,7 @@ def main(argv=None):
     p.add_argument("--max-memory", default=None, help="passed to predict (default: its own)")
     a = p.parse_args(argv)
     w, h = (int(v) for v in a.size.lower().split("x"))
-    env = {"PYTHONPATH": str(REPO)}
-    import os
-    env = {**os.environ, **env}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory(prefix="jaxspec_predict_bench_") as tmp:
         tmp = Path(tmp)
         from PIL import Image

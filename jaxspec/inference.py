@@ -340,9 +340,10 @@ def tile_for_memory(predict_fn, shape, *, max_bytes: int, stride: int = 1, overl
     for one ``probe`` x ``probe`` tile is compiled and its
     ``compiled.memory_analysis()`` (temporaries + input + output, without the variables) is
     divided by the probe's pixels, assuming activations scale with the pixel count (true of
-    convolutional and spectral-attention networks), plus 25% headroom. Host memory per tile pixel (input window,
-    prediction, blend temporaries; x8 with ``ensemble``) and the blending band (``tile`` output
-    rows over the padded width, and its division when emitted) are added. The budget is
+    convolutional and spectral-attention networks), plus 25% headroom. Host memory per tile
+    pixel (input window, prediction, blend temporaries; x8 with ``ensemble``) and the blending
+    band (``tile`` output rows over the padded width, and its division when emitted) are
+    added. The budget is
     ``max_bytes - reserved`` (``reserved``: the process's resident memory now plus anything else
     the caller will hold, e.g. the full output when it is not streamed to disk). A
     :class:`~jaxspec.errors.UsageError` says when no tile larger than ``overlap`` fits.
