@@ -25,6 +25,10 @@ grid (fusion: ``lr_hsi`` 1, ``hr_msi`` s; the output s); ``None`` marks a non-sp
   neighbouring tiles overlap by >= O > 2m. For a network whose receptive-field radius is
   <= m, tiled and untiled outputs are equal (to float rounding); for larger receptive fields
   (U-Nets) the blend hides the seams and the difference shrinks with the overlap.
+* Streaming and memory: tiles are visited one row of tiles at a time and only that band of
+  output rows is accumulated; :func:`predict_rows` yields finished rows top to bottom (the
+  ``predict`` CLI appends them to its ``.npy`` output), and :func:`tile_for_memory` picks the
+  largest tile within a resident-memory bound from the compiled program's memory statistics.
 * Self-ensemble (MST++ ``test_challenge_code``): the mean over the 8 transforms
   g in {identity, flip H, flip W, transpose and their compositions} of g^{-1}(f(g(x))).
 """
@@ -52,7 +56,19 @@ def make_predict_fn(apply_fn: Callable, variables: Mapping[str, Any], *, jit: bo
         return split_output(apply_fn(variables, x, train=False))[0].astype(jnp.float32)
 
     fn = jax.jit(fn) if jit else fn
-    return lambda x: fn(variables, jnp.asarray(x, jnp.float32))
+
+    def predict(x):
+        return fn(variables, jnp.asarray(x, jnp.float32))
+
+    # memory planning (:func:`tile_for_memory`): the compiled program of one input shape, the
+    # output shape, and the bytes the variables occupy (passed as arguments on every call)
+    jitted = fn if jit else jax.jit(fn)
+    predict.lower = lambda shape: jitted.lower(variables, jax.ShapeDtypeStruct(shape, jnp.float32))
+    predict.out_shape = lambda shape: jax.eval_shape(
+        fn, variables, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+    predict.param_bytes = int(sum(getattr(v, "nbytes", None) or np.asarray(v).nbytes
+                                  for v in jax.tree.leaves(variables)))
+    return predict
 
 
 def make_task_predict_fn(task, apply_fn: Callable, variables: Mapping[str, Any], *,
@@ -209,7 +225,18 @@ def _ramp(length: int, start: int, size: int, overlap: int) -> np.ndarray:
     return r
 
 
-def _predict_tiled(fn, inp: _Inputs, tile: int, overlap: int, stride: int) -> np.ndarray:
+def _progress_bar(total: int, progress: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="tiles", unit="tile", disable=not progress, leave=False,
+                dynamic_ncols=True, file=__import__("sys").stderr)
+
+
+def _tiled_rows(fn, inp: _Inputs, tile: int, overlap: int, stride: int, progress: bool = False):
+    """Overlapping-tile prediction yielding finished output rows top to bottom:
+    ``(row0, rows)`` with ``rows`` (B, n, W_out, C) final (blended) values of output rows
+    ``row0 .. row0 + n - 1``. Tiles are visited row of tiles by row of tiles; only one band of
+    ``tile`` output rows (+ its weights) is held, so memory does not grow with the image
+    height. Same arithmetic (and order of accumulation) as a full-size accumulator."""
     of = inp.out_factor
     unit = stride * of
     if tile % unit:
@@ -225,22 +252,157 @@ def _predict_tiled(fn, inp: _Inputs, tile: int, overlap: int, stride: int) -> np
     x = inp.pad(stride)
     hp, wp = x.base
     if hp <= tb and wp <= tb:
-        return _predict_padded(fn, inp, stride)
+        with _progress_bar(1, progress) as bar:
+            rows = _predict_padded(fn, inp, stride)
+            bar.update(1)
+        yield 0, rows
+        return
     th, tw = min(tb, hp), min(tb, wp)
-    out = None
-    weight = np.zeros((1, hp * of, wp * of, 1), np.float32)
-    for y0 in _tile_starts(hp, th, step):
-        ry = _ramp(th * of, y0 * of, hp * of, overlap)
-        for x0 in _tile_starts(wp, tw, step):
-            rx = _ramp(tw * of, x0 * of, wp * of, overlap)
-            pred = x.window(y0, x0, th, tw).call(fn)
-            if out is None:
-                out = np.zeros((pred.shape[0], hp * of, wp * of, pred.shape[-1]), np.float32)
-            wgt = (ry[:, None] * rx[None, :])[None, :, :, None]
-            ys, xs = slice(y0 * of, (y0 + th) * of), slice(x0 * of, (x0 + tw) * of)
-            out[:, ys, xs] += wgt * pred
-            weight[:, ys, xs] += wgt
-    return (out / weight)[:, :oh, :ow]
+    ys, xs = _tile_starts(hp, th, step), _tile_starts(wp, tw, step)
+    big_h, big_w = th * of, wp * of          # band: one row of tiles over the padded width
+    rx = {x0: _ramp(tw * of, x0 * of, big_w, overlap) for x0 in xs}
+    band = wband = None
+    top = 0                                  # output row of band[:, 0]
+
+    def finished(n):
+        m = min(n, oh - top)
+        if m > 0:
+            yield top, band[:, :m, :ow] / wband[None, :m, :ow, None]
+
+    with _progress_bar(len(ys) * len(xs), progress) as bar:
+        for y0 in ys:
+            if band is not None and y0 * of > top:
+                n = y0 * of - top
+                yield from finished(n)
+                keep = big_h - n
+                band[:, :keep] = band[:, n:].copy()
+                band[:, keep:] = 0
+                wband[:keep] = wband[n:].copy()
+                wband[keep:] = 0
+                top = y0 * of
+            ry = _ramp(big_h, y0 * of, hp * of, overlap)
+            for x0 in xs:
+                pred = x.window(y0, x0, th, tw).call(fn)
+                if band is None:
+                    band = np.zeros((pred.shape[0], big_h, big_w, pred.shape[-1]), np.float32)
+                    wband = np.zeros((big_h, big_w), np.float32)
+                wgt = (ry[:, None] * rx[x0][None, :])[None, :, :, None]
+                xsl = slice(x0 * of, (x0 + tw) * of)
+                band[:, :, xsl] += wgt * pred
+                wband[:, xsl] += wgt[0, :, :, 0]
+                bar.update(1)
+        yield from finished(big_h)
+
+
+def _predict_tiled(fn, inp: _Inputs, tile: int, overlap: int, stride: int) -> np.ndarray:
+    parts = [rows for _, rows in _tiled_rows(fn, inp, tile, overlap, stride)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_bytes(text) -> int:
+    """``"4GiB"`` / ``"512MiB"`` / ``"2G"`` / ``"1.5e9"`` -> bytes (K/M/G/T are powers of 1000,
+    KiB/MiB/GiB/TiB of 1024); ``ValueError`` naming the text otherwise."""
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"bad memory size {text!r}: use e.g. 4GiB, 512MiB, 2G or a byte count")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (Linux ``/proc/self/statm``; elsewhere the
+    peak so far, ``ru_maxrss``)."""
+    import os
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def tile_for_memory(predict_fn, shape, *, max_bytes: int, stride: int = 1, overlap: int = 32,
+                    ensemble: bool = False, reserved: int = 0, probe: int = 128) -> int | None:
+    """The largest square tile (a multiple of ``stride``) whose tiled prediction of a
+    ``shape`` = (B, H, W, C) input keeps the process within ``max_bytes``; ``None`` when the
+    whole (padded) image fits as one tile.
+
+    ``predict_fn`` comes from :func:`make_predict_fn` (it exposes ``lower``, ``out_shape`` and
+    ``param_bytes``). The model's memory per tile pixel is measured, not guessed: the program
+    for one ``probe`` x ``probe`` tile is compiled and its
+    ``compiled.memory_analysis()`` (temporaries + input + output, without the variables) is
+    divided by the probe's pixels, assuming activations scale with the pixel count (true of
+    convolutional and spectral-attention networks), plus 25% headroom. Host memory per tile
+    pixel (input window, prediction, blend temporaries; x8 with ``ensemble``) and the blending
+    band (``tile`` output rows over the padded width, and its division when emitted) are
+    added. The budget is
+    ``max_bytes - reserved`` (``reserved``: the process's resident memory now plus anything else
+    the caller will hold, e.g. the full output when it is not streamed to disk). A
+    :class:`~jaxspec.errors.UsageError` says when no tile larger than ``overlap`` fits.
+    """
+    b, h, w, cin = (int(v) for v in shape)
+    if not hasattr(predict_fn, "lower"):
+        raise ValueError("tile_for_memory needs a predict_fn from make_predict_fn")
+    hp, wp = -(-h // stride) * stride, -(-w // stride) * stride
+    p_h = min(hp, max(stride, -(-probe // stride) * stride))
+    p_w = min(wp, max(stride, -(-probe // stride) * stride))
+    compiled = predict_fn.lower((b, p_h, p_w, cin)).compile()
+    cout = int(predict_fn.out_shape((b, p_h, p_w, cin))[-1])
+    ma = compiled.memory_analysis()
+    if ma is not None:
+        dev = (ma.temp_size_in_bytes + ma.output_size_in_bytes + ma.argument_size_in_bytes
+               - predict_fn.param_bytes)
+        dev_bpp = max(dev, 0) / (b * p_h * p_w)
+    else:  # a backend without memory statistics: a conservative 64 floats per channel
+        dev_bpp = 4.0 * 64 * (cin + cout)
+    host_bpp = 4.0 * (2 * cin + 3 * cout) + (4.0 * (8 * cout + 2 * cin) if ensemble else 0.0)
+    a = 1.25 * b * (dev_bpp + host_bpp)                   # bytes per tile pixel (+25%)
+    lin = 4.0 * wp * (2 * b * cout + 1)                   # bytes per band row
+    avail = float(max_bytes) - float(reserved)
+    if ma is not None:
+        avail -= ma.generated_code_size_in_bytes
+    if avail <= 0:
+        raise UsageError(f"--max-memory {max_bytes / 2**30:.2f} GiB leaves nothing for the "
+                         f"tiles: {reserved / 2**30:.2f} GiB are needed before tiling")
+    t = (-lin + math.sqrt(lin * lin + 4 * a * avail)) / (2 * a)
+    if t >= max(hp, wp):
+        return None
+    t = int(t) // stride * stride
+    if t <= overlap or t < stride:
+        raise UsageError(
+            f"--max-memory {max_bytes / 2**30:.2f} GiB is too small for this model: the largest "
+            f"tile that fits ({t} px) is not larger than --overlap {overlap}")
+    return t
+
+
+def predict_rows(predict_fn: PredictFn, x, *, stride: int = 1, tile: int | None = None,
+                 overlap: int = 32, ensemble: bool = False, progress: bool = False,
+                 channels: int | None = None):
+    """Tiled prediction of (B, H, W, C) ``x`` yielding finished output rows top to bottom,
+    ``(row0, rows)`` with ``rows`` (B, n, W, C_out), so a caller can write a large output
+    incrementally instead of holding it (``tile=None``: one pass over the padded image).
+    ``ensemble`` applies the x8 self-ensemble to every tile (equal to the ensemble of the whole
+    image up to the tiles' seams). ``progress``: a tqdm bar over tiles on stderr."""
+    inp = _Inputs(x, None, 1, channels)
+    fn = predict_fn
+    if ensemble:
+        def fn(a):
+            return _ensemble(lambda i: i.call(predict_fn), _Inputs(a, None, 1, None))
+    if tile is None:
+        with _progress_bar(1, progress) as bar:
+            rows = _predict_padded(fn, inp, stride)
+            bar.update(1)
+        yield 0, rows
+        return
+    yield from _tiled_rows(fn, inp, int(tile), int(overlap), int(stride), progress)
 
 
 def predict_tiled(predict_fn: PredictFn, rgb, tile: int, overlap: int = 32, stride: int = 1, *,

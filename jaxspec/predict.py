@@ -4,6 +4,13 @@
 [0, 1]) and uses the run's SRF/PSF when the method reads them; an hsi2hsi run takes cubes.
 ``--adapt`` runs the method's per-image test-time adaptation before predicting.
 
+Memory (rgb2hsi / hsi2hsi without ``--adapt``): the process stays within ``--max-memory``
+(default 4GiB): the largest tile that fits is chosen from the model's compiled memory
+statistics (:func:`jaxspec.inference.tile_for_memory`; ``--tile`` overrides it), tiles are
+blended one row of tiles at a time and finished rows are written straight to the ``.npy``
+output (``mat``/``tif`` hold the one output array they write). ``--ensemble`` then averages the
+x8 transforms of every tile. A tqdm bar over tiles goes to stderr (``--no-progress``: none).
+
 Inputs: PNG / JPEG / TIFF / EXR of any size, read by :func:`jaxspec.data.photos.read_photo`:
 8-bit and 16-bit at full depth (divided by the format's full-scale code), float TIFF in [0, 1]
 (or by ``--float-scale``), alpha dropped, grey images rejected unless ``--grey replicate``.
@@ -106,31 +113,122 @@ def _fuse(model, variables, workdir, lr, hr, *, tile=None, adapt=False) -> np.nd
     return api.fuse(model, variables, lr, hr, tile=tile, adapt=adapt, **side)
 
 
+def _write_sidecar(out_stem: Path, bands, shape, info: dict) -> None:
+    from jaxspec.fs import write_json_atomic
+    write_json_atomic(out_stem.with_suffix(".json"),
+                      {"bands": [float(b) for b in bands], "units": "nm", "shape": list(shape),
+                       "layout": "HWC", **info})
+
+
+class NpyRowWriter:
+    """An (H, W, C) float32 ``.npy`` written row band by row band, top to bottom (HWC rows are
+    contiguous in the file): a partial file, renamed into place by :meth:`close`. Plain file
+    writes, not a memory map, so the written rows do not stay in the process's resident
+    memory."""
+
+    def __init__(self, path: Path, shape):
+        self.path, self.shape = Path(path), tuple(int(v) for v in shape)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.f = open(self.tmp, "wb")
+        np.lib.format.write_array_header_1_0(
+            self.f, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                     "fortran_order": False, "shape": self.shape})
+        self.next_row = 0
+
+    def write(self, row0: int, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype="<f4")
+        if row0 != self.next_row or rows.shape[1:] != self.shape[1:]:
+            raise ValueError(f"rows {row0}.. {rows.shape} do not continue {self.next_row} of "
+                             f"{self.shape}")
+        self.f.write(memoryview(rows).cast("B"))
+        self.next_row += rows.shape[0]
+
+    def close(self) -> None:
+        self.f.close()
+        if self.next_row != self.shape[0]:
+            self.tmp.unlink(missing_ok=True)
+            raise ValueError(f"{self.path}: {self.next_row} of {self.shape[0]} rows written")
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_cube(cube: np.ndarray, bands: np.ndarray, out_stem: Path, fmt: str,
                info: dict | None = None) -> Path:
     info = dict(info or {})
     bands = [float(b) for b in bands]
+    cube = np.asarray(cube, np.float32)          # no copy of a float32 cube
     if fmt == "npy":
-        from jaxspec.fs import write_json_atomic
-        np.save(out_stem.with_suffix(".npy"), cube.astype(np.float32))
-        write_json_atomic(out_stem.with_suffix(".json"),
-                          {"bands": bands, "units": "nm", "shape": list(cube.shape),
-                           "layout": "HWC", **info})
+        np.save(out_stem.with_suffix(".npy"), cube)
+        _write_sidecar(out_stem, bands, cube.shape, info)
         return out_stem.with_suffix(".npy")
     if fmt == "mat":
         import scipy.io
         scipy.io.savemat(out_stem.with_suffix(".mat"),
-                         {"cube": cube.astype(np.float32), "bands": np.asarray(bands, np.float32)},
+                         {"cube": cube, "bands": np.asarray(bands, np.float32)},
                          do_compression=True)
         return out_stem.with_suffix(".mat")
     if fmt == "tif":
         import tifffile
         tifffile.imwrite(out_stem.with_suffix(".tif"),
-                         np.ascontiguousarray(np.moveaxis(cube.astype(np.float32), -1, 0)),
+                         np.ascontiguousarray(np.moveaxis(cube, -1, 0)),
                          photometric="minisblack",
                          metadata={"axes": "CYX", "bands": bands, "units": "nm", **info})
         return out_stem.with_suffix(".tif")
     raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}")
+
+
+def predict_bounded(model, variables, x: np.ndarray, out_stem: Path, fmt: str, *, workdir,
+                    info: dict, max_memory: int, tile: int | None = None, overlap: int = 32,
+                    ensemble: bool = False, progress: bool = False) -> tuple[Path, tuple]:
+    """Predict one (H, W, C) input (rgb2hsi: before ``rgb_norm``) and write it as ``fmt``
+    within ``max_memory`` bytes of resident memory (module docstring, "Memory"). Returns
+    (written path, output shape)."""
+    from jaxspec import api, inference
+    from jaxspec.data import normalize_rgb
+    module, normalization, stride, task = api._bundle(model, None, None)
+    x = np.asarray(x, np.float32)
+    if task.input_keys[0] == "rgb":
+        x = normalize_rgb(x, normalization)
+    x = x[None]
+    predict = inference.make_predict_fn(module.apply, variables)
+    h, w = x.shape[1:3]
+    hp, wp = -(-h // stride) * stride, -(-w // stride) * stride
+    cout = int(predict.out_shape((1, min(hp, 64 * stride), min(wp, 64 * stride), x.shape[-1]))[-1])
+    shape = (h, w, cout)
+    out_bytes = 4 * h * w * cout
+    auto = tile is None
+    if auto:
+        # resident now + the output when it is held (mat/tif) + slack for the XLA runtime and
+        # Python temporaries that the compiled statistics do not cover
+        reserved = inference.current_rss() + (0 if fmt == "npy" else out_bytes) + (384 << 20)
+        tile = inference.tile_for_memory(predict, x.shape, max_bytes=max_memory, stride=stride,
+                                         overlap=overlap, ensemble=ensemble, reserved=reserved)
+    if auto and tile is not None:
+        overlap = min(overlap, tile // 2 // stride * stride)
+    rows = inference.predict_rows(predict, x, stride=stride, tile=tile, overlap=overlap,
+                                  ensemble=ensemble, progress=progress)
+    info = {**info, "tile": tile, "overlap": overlap if tile is not None else None}
+    bands = api.bands_of(model, cout, workdir)
+    if fmt == "npy":
+        path = out_stem.with_suffix(".npy")
+        writer = NpyRowWriter(path, shape)
+        try:
+            for row0, r in rows:
+                r = r[0]                                          # radiance >= 0
+                writer.write(row0, np.maximum(r, 0.0, out=r if r.flags.writeable else None))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        _write_sidecar(out_stem, bands, shape, info)
+        return path, shape
+    cube = np.empty(shape, np.float32)
+    for row0, r in rows:
+        np.maximum(r[0], 0.0, out=cube[row0:row0 + r.shape[1]])
+    return write_cube(cube, bands, out_stem, fmt, info), shape
 
 
 def model_input_spec(workdir) -> dict:
@@ -177,6 +275,10 @@ def _main(argv=None) -> int:
                    help="grey photos: refuse (default) or replicate to RGB")
     p.add_argument("--input-encoding", choices=("srgb", "linear"), default=None,
                    help="how the photos are encoded (default: srgb; EXR: linear)")
+    p.add_argument("--max-memory", default="4GiB",
+                   help="resident-memory bound that picks the tile size (default 4GiB; "
+                        "e.g. 2GiB, 512MiB)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar over tiles")
     a = p.parse_args(argv)
     from jaxspec.errors import UsageError
     from jaxspec.data.photos import unique_output_stems
@@ -185,6 +287,11 @@ def _main(argv=None) -> int:
         raise UsageError(f"--tile must be a positive number of pixels, got {a.tile}")
     if a.overlap < 0 or (a.tile is not None and a.overlap >= a.tile):
         raise UsageError(f"--overlap must be in [0, --tile), got {a.overlap}")
+    from jaxspec.inference import parse_bytes
+    try:
+        max_memory = parse_bytes(a.max_memory)
+    except ValueError as e:
+        raise UsageError(f"--max-memory: {e}") from None
     out = check_output_writable(a.out, what="--out directory")
     from jaxspec import api
     adapt = False
@@ -208,6 +315,16 @@ def _main(argv=None) -> int:
             images.append((Path(f), x))
     stems = unique_output_stems([p for p, _ in images])
     for (path, x), stem in zip(images, stems):
+        if model.task.name != "fusion" and not adapt:
+            info = {"method": model.name, "source": str(path)}
+            if str(path) in recs:
+                info["input"] = recs[str(path)]
+            written, shape = predict_bounded(
+                model, variables, x, out / stem, a.format, workdir=a.workdir, info=info,
+                max_memory=max_memory, tile=a.tile, overlap=a.overlap, ensemble=a.ensemble,
+                progress=not a.no_progress)
+            print(f"{path} -> {written} {shape}")
+            continue
         if model.task.name == "fusion":
             cube = _fuse(model, variables, a.workdir, *x, tile=a.tile, adapt=adapt)
         else:

@@ -225,3 +225,122 @@ def test_loader_errors(train_src):
     with pytest.raises(ValueError, match="lacks keys"):
         next(D.make_loader(ArraySource(2), batch_size=1, crop=4, keys=("rgb", "hsi", "label"),
                            prefetch=0, shard=(0, 1)))
+
+
+# ----------------------------------------------------------------------------- cache / multi-crop
+
+def _same_stream(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_cached_loader_gives_the_uncached_stream(train_src):
+    """The LRU cache (on by default for training) returns exactly the crops of cache_bytes=0,
+    across epochs (8 examples, 3 per batch, 9 batches) and with an LRU that evicts."""
+    kw = dict(batch_size=3, crop=8, seed=2, prefetch=2, shard=(0, 1))
+    ref = _take(D.make_loader(train_src, cache_bytes=0, **kw), 9)
+    _same_stream(ref, _take(D.make_loader(train_src, **kw), 9))               # auto bound
+    one = int(train_src[0]["hsi"].nbytes + train_src[0]["rgb"].nbytes)
+    _same_stream(ref, _take(D.make_loader(train_src, cache_bytes=3 * one, **kw), 9))
+    _same_stream(ref[5:], _take(D.make_loader(train_src, cache_bytes=1 << 30, start_step=5,
+                                              **kw), 4))
+
+
+def test_crops_per_example_stream_cached_equals_uncached_and_resumes(train_src):
+    kw = dict(batch_size=4, crop=8, seed=3, prefetch=2, shard=(0, 1), crops_per_example=3,
+              keys=("rgb", "hsi"))
+    ref = _take(D.make_loader(train_src, cache_bytes=0, **kw), 8)   # 32 crops > 24 = 1 epoch
+    _same_stream(ref, _take(D.make_loader(train_src, cache_bytes=1 << 30, **kw), 8))
+    _same_stream(ref[3:], _take(D.make_loader(train_src, start_step=3, **kw), 5))
+    _same_stream(ref[6:], _take(D.make_loader(train_src, start_step=6, cache_bytes=0, **kw), 2))
+    # a different stream than one crop per example, with the crops of one example distinct
+    one = _take(D.make_loader(train_src, cache_bytes=0, **{**kw, "crops_per_example": 1}), 8)
+    assert any(not np.array_equal(x["hsi"], y["hsi"]) for x, y in zip(ref, one))
+    crops = np.concatenate([b["hsi"] for b in ref])
+    assert not np.array_equal(crops[0], crops[1])
+
+
+def test_crops_per_example_structure():
+    """Element i is a crop of shuffled example i // k; every epoch reads each example k times
+    in a row, reshuffled per epoch."""
+    src = ArraySource(5)
+    it = D.make_loader(src, batch_size=3, crop=4, seed=0, keys=("idx", "rgb"),
+                       crops_per_example=3, num_epochs=2, prefetch=0, shard=(0, 1))
+    ids = np.concatenate([b["idx"] for b in it])
+    assert len(ids) == 30
+    runs = ids.reshape(10, 3)
+    assert (runs == runs[:, :1]).all()
+    e0, e1 = runs[:5, 0].tolist(), runs[5:, 0].tolist()
+    assert sorted(e0) == sorted(e1) == list(range(5)) and e0 != e1
+
+
+class CountingSource(ArraySource):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def test_example_cache_lru_bound_readonly_and_threads():
+    import threading
+    from jaxspec.data.pipeline import ExampleCache
+    src = CountingSource(6)
+    size = src.items[0]["rgb"].nbytes + src.items[0]["hsi"].nbytes
+    c = ExampleCache(src, ("rgb", "hsi"), max_bytes=2 * size)
+    for i in (0, 1, 0, 2):           # 2 evicts 1 (0 was used more recently)
+        c[i]
+    assert src.reads == 3 and sorted(c._items) == [0, 2] and c.nbytes == 2 * size
+    c[0]
+    assert src.reads == 3
+    c[1]
+    assert src.reads == 4 and sorted(c._items) == [0, 1]
+    ex = c[0]
+    with pytest.raises(ValueError, match="read-only"):
+        ex["hsi"][0, 0, 0] = 1.0
+    assert src.items[0]["hsi"].flags.writeable            # the source's arrays untouched
+    np.testing.assert_array_equal(ex["hsi"], src.items[0]["hsi"])
+    # too large for the bound: returned, not kept; keep_last keeps it anyway
+    small = ExampleCache(src, ("rgb", "hsi"), max_bytes=size // 2)
+    small[3], small[3]
+    assert not small._items and src.reads == 6
+    last = ExampleCache(src, ("rgb", "hsi"), max_bytes=0, keep_last=2)
+    for i in (3, 4, 3, 5, 5):
+        last[i]
+    assert sorted(last._items) == [3, 5] and src.reads == 9
+    # concurrent reads of one index decode it once
+    src.reads = 0
+    shared = ExampleCache(src, ("hsi",), max_bytes=1 << 20)
+    ts = [threading.Thread(target=lambda: [shared[j % 3] for j in range(30)]) for _ in range(4)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert src.reads == 3 and shared.hits == 120 - 3
+    import pickle
+    clone = pickle.loads(pickle.dumps(shared))
+    assert not clone._items and clone.max_bytes == 1 << 20
+    np.testing.assert_array_equal(clone[1]["hsi"], src.items[1]["hsi"])
+
+
+def test_worker_processes_give_the_same_stream(train_src):
+    """grain worker processes (spawned: the TFDS source's builder module is re-imported there)
+    deliver the in-process stream."""
+    kw = dict(batch_size=2, crop=8, seed=4, shard=(0, 1), crops_per_example=2)
+    ref = _take(D.make_loader(train_src, **kw), 3)
+    _same_stream(ref, _take(D.make_loader(train_src, worker_count=1, **kw), 3))
+
+
+def test_cache_and_multicrop_argument_errors(train_src):
+    with pytest.raises(ValueError, match="crops_per_example must be an int >= 1"):
+        D.make_loader(train_src, batch_size=2, crop=8, crops_per_example=0)
+    with pytest.raises(ValueError, match="crops_per_example must be an int >= 1"):
+        D.make_loader(train_src, batch_size=2, crop=8, crops_per_example=1.5)
+    with pytest.raises(ValueError, match="cache_bytes must be >= 0"):
+        D.make_loader(train_src, batch_size=2, crop=8, cache_bytes=-1)
+    with pytest.raises(ValueError, match="training loaders only"):
+        D.make_loader(train_src, train=False, crops_per_example=2)
+    assert D.pipeline.auto_cache_bytes(4) * 4 <= D.pipeline.auto_cache_bytes(0) + 4

@@ -5,9 +5,21 @@ per-host slice -> seeded shuffle -> repeat -> per-example random crop + flips/ro
 normalisation -> batch. Every stage is random-access, so the batch at global step ``t`` is a
 pure function of ``(seed, t, process_index, process_count)`` and ``start_step=t`` replays
 exactly what an uninterrupted run would have produced from step ``t`` on.
+
+Throughput (``bench/loader.py``, numbers in bench/RESULTS.md): decoding a whole example per
+crop is the bottleneck for large examples (an ARAD-size 482x512x31 float32 cube is 30 MB), so
+the training loader keeps decoded examples in an in-RAM LRU cache (``cache_bytes``, default a
+quarter of the host's memory, see :func:`auto_cache_bytes`) and can cut several crops from
+each read (``crops_per_example``). Neither changes the determinism contract: the cache returns
+the same arrays the source would, and ``crops_per_example=k`` is part of the stream's
+definition (element ``i`` is a crop of shuffled example ``i // k``, its RNG keyed by ``i``).
 """
 from __future__ import annotations
 
+import collections
+import os
+import sys
+import threading
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -161,6 +173,159 @@ def _select(example: dict, keys: Sequence[str]) -> dict:
     return {k: _to_numpy(example[k]) for k in keys}
 
 
+def _nbytes(example: dict) -> int:
+    return int(sum(np.asarray(v).nbytes for v in example.values()))
+
+
+def auto_cache_bytes(worker_count: int = 0) -> int:
+    """The default decoded-example cache bound of :func:`make_loader`: a quarter of the host's
+    memory (the smaller of physical RAM and a cgroup v2 ``memory.max`` limit), split evenly
+    over the processes that each hold a cache (``worker_count`` workers, else this one)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return int(total // 4 // max(1, int(worker_count)))
+
+
+class ExampleCache:
+    """Random-access source of ``{key: np.ndarray}`` (``keys`` of ``source[i]``, plus
+    ``"_index"`` = ``i`` with ``with_index``) that keeps decoded examples in RAM: an LRU bounded
+    by ``max_bytes`` (sum of the arrays' ``nbytes``; an example larger than the bound is
+    returned but not kept; ``0`` disables caching), except that the ``keep_last`` most recently
+    decoded examples are kept whatever their size (``crops_per_example`` reads each example
+    ``k`` times in a row). Cached arrays are read-only, so a caller
+    that would modify one in place fails instead of corrupting later reads. Thread-safe: reads
+    of the same index by several threads decode it once. Each process (grain worker) holds its
+    own cache; pickling drops the contents."""
+
+    def __init__(self, source, keys: Sequence[str], max_bytes: int = 0, with_index: bool = False,
+                 keep_last: int = 0):
+        if max_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {max_bytes}")
+        if keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        self.source, self.keys = source, tuple(keys)
+        self.max_bytes, self.with_index = int(max_bytes), bool(with_index)
+        self.keep_last = int(keep_last)
+        self._init_state()
+
+    def _init_state(self):
+        self._lock = threading.Lock()
+        self._items: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self._pending: dict[int, threading.Event] = {}
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def __reduce__(self):
+        # grain worker processes are spawned: a TFDS source refers to its builder class, whose
+        # module (``datasets/<name>/``, imported by path under a private name) must be loaded
+        # in the worker before the source can be unpickled.
+        import cloudpickle
+        builders = sorted(m[len(_BUILDER_PREFIX):-len(_BUILDER_SUFFIX)] for m in sys.modules
+                          if m.startswith(_BUILDER_PREFIX) and m.endswith(_BUILDER_SUFFIX))
+        state = (self.keys, self.max_bytes, self.with_index, self.keep_last)
+        return _rebuild_cache, (builders, cloudpickle.dumps(self.source), state)
+
+    def __len__(self):
+        return len(self.source)
+
+    def _decode(self, i: int) -> dict:
+        ex = _select(self.source[i], self.keys)
+        if self.with_index:
+            ex["_index"] = np.asarray(i)
+        return ex
+
+    def __getitem__(self, i):
+        i = int(i)
+        if self.max_bytes == 0 and self.keep_last == 0:
+            return self._decode(i)
+        while True:
+            with self._lock:
+                ex = self._items.get(i)
+                if ex is not None:
+                    self._items.move_to_end(i)
+                    self.hits += 1
+                    return ex
+                wait = self._pending.get(i)
+                if wait is None:
+                    done = self._pending[i] = threading.Event()
+                    self.misses += 1
+                    break
+            wait.wait()  # another thread is decoding i: take its result (or decode if too big)
+        try:
+            ex = self._decode(i)
+            size = _nbytes(ex)
+            if size <= self.max_bytes or self.keep_last:
+                ex = {k: v.view() for k, v in ex.items()}  # read-only views: the source's
+                for v in ex.values():                     # own arrays keep their flags
+                    v.flags.writeable = False
+                with self._lock:
+                    self._items[i] = ex
+                    self.nbytes += size
+                    while (len(self._items) > self.keep_last
+                           and self.nbytes > self.max_bytes):
+                        _, old = self._items.popitem(last=False)
+                        self.nbytes -= _nbytes(old)
+            return ex
+        finally:
+            with self._lock:
+                del self._pending[i]
+            done.set()
+
+
+_BUILDER_PREFIX, _BUILDER_SUFFIX = "_jaxspec_builders_", "_dataset_builder"
+
+
+def _rebuild_cache(builders, source_bytes, state):
+    import pickle
+
+    from jaxspec.data.builders import load_builder_module
+    for name in builders:
+        load_builder_module(name)
+    return ExampleCache(pickle.loads(source_bytes), *state)
+
+
+def _make_repeat_each_class():
+    import grain
+
+    class RepeatEachMapDataset(grain.MapDataset):
+        """``parent`` with every element repeated ``k`` times in a row (element ``i`` is
+        ``parent[i // k]``), random access; indices past the end pass through (the parent may be
+        a shuffle, which maps epoch ``e``'s indices to its ``e``-th permutation)."""
+
+        def __init__(self, parent, k: int):
+            super().__init__(parent)
+            self._k = int(k)
+
+        def __len__(self):
+            return len(self._parent) * self._k
+
+        def __str__(self):
+            return f"RepeatEachMapDataset(k={self._k})"
+
+        def __getitem__(self, index):
+            if isinstance(index, slice):
+                return self.slice(index)
+            return self._parent[index // self._k]
+
+    RepeatEachMapDataset.__module__ = __name__
+    return RepeatEachMapDataset
+
+
+def __getattr__(name):
+    # grain is imported lazily; the grain.MapDataset subclass is built on first use (and found
+    # by name when a grain worker process unpickles the pipeline).
+    if name == "RepeatEachMapDataset":
+        cls = _make_repeat_each_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _normalize(example: dict, mode: str) -> dict:
     if "rgb" in example:
         example = dict(example)
@@ -173,7 +338,8 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
                 start_step: int = 0, num_epochs: int | None = None, drop_remainder: bool = True,
                 worker_count: int = 0, prefetch: int = 2, keys: Sequence[str] = ("rgb", "hsi"),
                 split_kind: str | None = None, shard: tuple[int, int] | None = None,
-                augment="dihedral", fusion=None) -> Iterator[dict[str, Any]]:
+                augment="dihedral", fusion=None, cache_bytes: int | None = None,
+                crops_per_example: int = 1) -> Iterator[dict[str, Any]]:
     """Batches of numpy arrays from a random-access ``source`` (e.g. :func:`data_source`).
 
     Train (``train=True`` / ``split_kind="train"``): per-host slice ``source[i::n]`` with
@@ -194,6 +360,19 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
     multiple of the scale, PSF by source index, noise from the example RNG), eval full images
     cropped to multiples of the scale (:class:`jaxspec.data.fusion.FusionSource`, then the
     central ``crop``); batches hold ``hsi``, ``lr_hsi``, ``hr_msi``, ``srf``, ``psf``.
+
+    Throughput (train; bench/loader.py, bench/RESULTS.md "Input pipeline"):
+
+    * ``cache_bytes``: decoded examples (their ``keys`` only) are kept in an in-RAM LRU of at
+      most this many bytes per process (:class:`ExampleCache`); ``None`` (default):
+      :func:`auto_cache_bytes` (a quarter of the host's memory, split over the workers);
+      ``0``: off. When the shard fits, every example is decoded once per process and a crop
+      costs only its copy. Eval loaders do not cache (one pass) unless ``cache_bytes`` is given.
+    * ``crops_per_example`` (default 1): ``k`` consecutive stream elements are crops of the same
+      shuffled example (element ``i`` -> example ``i // k``, its own crop/transform RNG keyed by
+      ``i``): one decode per ``k`` crops when the data do not fit the cache, at the price of
+      ``k`` correlated crops per batch. Changing ``k`` changes the stream; the cache does not.
+    * ``worker_count``: grain worker processes (each with its own cache).
 
     Returns an iterator of dicts ``{key: np.ndarray}`` with a leading batch axis.
     """
@@ -219,6 +398,13 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
     if worker_count < 0 or prefetch < 0:
         raise ValueError("worker_count and prefetch must be >= 0")
+    if isinstance(crops_per_example, bool) or int(crops_per_example) != crops_per_example \
+            or crops_per_example < 1:
+        raise ValueError(f"crops_per_example must be an int >= 1, got {crops_per_example!r}")
+    if crops_per_example > 1 and not train:
+        raise ValueError("crops_per_example applies to training loaders only")
+    if cache_bytes is not None and (isinstance(cache_bytes, bool) or int(cache_bytes) < 0):
+        raise ValueError(f"cache_bytes must be >= 0 or None, got {cache_bytes!r}")
     keys = tuple(keys)
     if not train and "name" not in keys:
         keys = keys + ("name",)
@@ -236,20 +422,29 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
         raise ValueError("make_loader: fusion training needs a crop (a multiple of the scale)")
     if fusion is not None and not train and crop is not None:
         raise ValueError("make_loader: fusion evaluation runs on full images (crop=None)")
-    ds = grain.MapDataset.source(source)
+    base, with_index = source, False
     if fusion is not None:
         from jaxspec.data import fusion as fusion_lib
         if not train:
-            ds = grain.MapDataset.source(fusion_lib.FusionSource(source, fusion, seed))
+            base = fusion_lib.FusionSource(source, fusion, seed)
             keys = tuple(dict.fromkeys(("hsi", "lr_hsi", "hr_msi", "srf", "psf", "name")))
         else:
-            ds = ds.map_with_index(lambda i, ex: {**ex, "_index": np.asarray(i)})
-            keys = ("hsi", "bands", "_index")
+            keys, with_index = ("hsi", "bands"), True
+    if cache_bytes is None:
+        cache_bytes = auto_cache_bytes(worker_count) if train else 0
+    # crops_per_example reads example j for k stream elements in a row, from up to
+    # num_threads + 1 reader threads at once: keep that many last examples whatever the bound.
+    keep = (min(prefetch, 2) + 2) if train and crops_per_example > 1 else 0
+    ds = grain.MapDataset.source(ExampleCache(base, keys, int(cache_bytes), with_index, keep))
+    if with_index:
+        keys = keys + ("_index",)
     if s_cnt > 1:
         ds = ds[s_idx::s_cnt]
-    ds = ds.map(lambda ex: _select(ex, keys))
     if train:
-        ds = ds.shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
+        ds = ds.shuffle(seed=int(seed) % 2**32)
+        if crops_per_example > 1:
+            ds = __getattr__("RepeatEachMapDataset")(ds, int(crops_per_example))
+        ds = ds.repeat(num_epochs)
         if fusion is not None:
             ds = ds.random_map(lambda ex, rng: fusion_lib.train_pair(
                 ex, fusion, rng, crop=int(crop), seed=int(seed), augment=mode),
@@ -271,5 +466,10 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
                              prefetch_buffer_size=max(prefetch, 1))
     it_ds = ds.to_iter_dataset(read)
     if worker_count > 0:
+        # grain 0.2.x reads an absl flag when starting workers, which raises in programs that
+        # never parsed absl flags (google/grain#1355): their defaults are what we want.
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
     return iter(it_ds)
