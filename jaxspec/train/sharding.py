@@ -42,6 +42,21 @@ def local_batch_size(global_batch_size: int, mesh) -> int:
     return global_batch_size // jax.process_count()
 
 
+def process_rows(global_batch_size: int, mesh) -> tuple[int, int]:
+    """``(start, stop)``: the rows of a global batch that this process's devices hold under
+    :func:`batch_sharding` (what it must read; contiguous for a ``('data', ...)`` mesh)."""
+    local_batch_size(global_batch_size, mesh)
+    idx = batch_sharding(mesh).addressable_devices_indices_map((int(global_batch_size),))
+    starts = sorted({(s[0].start or 0) for s in idx.values()})
+    stops = sorted({(s[0].stop if s[0].stop is not None else global_batch_size)
+                    for s in idx.values()})
+    start, stop = starts[0], stops[-1]
+    if stop - start != global_batch_size // jax.process_count():
+        raise ValueError(f"this process's batch rows {start}:{stop} are not contiguous; build "
+                         f"the mesh over jax.devices() in process order")
+    return int(start), int(stop)
+
+
 def shard_batch(batch: Mapping[str, Any], mesh) -> dict[str, jax.Array]:
     """Numpy process-local batch -> global arrays sharded over ``'data'`` (non-numeric
     entries such as ``name`` are dropped)."""
