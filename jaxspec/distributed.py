@@ -137,6 +137,55 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+class StopAgreement:
+    """Stops every process of a job at the same step when a signal reached some of them.
+
+    The processes run in lock-step (each step has collectives) but a SIGTERM lands on each at
+    a different step; a device collective per step would serialise the host with the device.
+    Instead a signalled process publishes ``stop_at = its step + margin`` in the coordination
+    service's key-value store and every process stops when it reaches the smallest published
+    value (one cheap RPC per step, no device synchronisation)."""
+
+    KEY = "jaxspec/stop_at"
+
+    def __init__(self, margin: int = 3):
+        import jax
+        self.margin = int(margin)
+        self.multi = jax.process_count() > 1
+        self.stop_at: int | None = None
+        self._published = False
+
+    def _client(self):
+        from jax._src import distributed as jd
+        return jd.global_state.client
+
+    def should_stop(self, flag: bool, step: int) -> bool:
+        """Call once per step after step ``step``; ``flag``: this process was signalled."""
+        if not self.multi:
+            return bool(flag)
+        client = self._client()
+        if flag and not self._published:
+            self._published = True
+            mine = int(step) + self.margin
+            try:
+                client.key_value_set(f"{self.KEY}/{_process_index()}", str(mine))
+            except Exception:   # pragma: no cover - service gone
+                pass
+        try:
+            entries = client.key_value_dir_get(self.KEY)
+        except Exception:   # pragma: no cover
+            entries = []
+        for _, v in entries:
+            v = int(v)
+            self.stop_at = v if self.stop_at is None else min(self.stop_at, v)
+        return self.stop_at is not None and step >= self.stop_at
+
+
+def _process_index() -> int:
+    import jax
+    return jax.process_index()
+
+
 def broadcast_str(value: str | None, max_len: int = 256) -> str | None:
     """Process 0's ``value`` on every process (None stays None)."""
     import jax

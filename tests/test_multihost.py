@@ -266,3 +266,29 @@ def test_cli_flags_parse():
     assert (a.coordinator, a.num_processes, a.process_id, a.distributed) == ("h:9", 2, 1, None)
     a = cli.build_parser().parse_args(["--method", "mstpp", "--distributed", "auto"])
     assert a.distributed == "auto"
+
+
+@pytest.mark.slow
+def test_sigterm_of_one_process_stops_all_at_one_step(env):
+    """A SIGTERM that reaches only process 1 stops both processes at the same step, with the
+    state saved there (exit 143), and the same command resumes."""
+    w = env["root"] / "termed"
+    procs = _launch(env, w, 2, 2, "--steps", "400", "--set", "ckpt_every=100", "--set",
+                    "lr=1e-4")
+    t0 = time.monotonic()
+    metrics = w / "metrics.jsonl"
+    while time.monotonic() - t0 < 180:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        if any(p.poll() is not None for p in procs):
+            pytest.fail("a process ended early: " + procs[0].communicate()[1][-2000:])
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = _wait(procs, timeout=120)
+    assert [o[0] for o in outs] == [143, 143], [o[2][-1500:] for o in outs]
+    latest = w / "checkpoints" / "latest"
+    saved = [int(p.name) for p in latest.iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 0 < saved[0] < 400
+    s = _run(env, w, 2, 2, "--steps", str(saved[0] + 2), "--set", "ckpt_every=100",
+             "--set", "lr=1e-4")
+    assert s["start_step"] == saved[0] and s["step"] == saved[0] + 2

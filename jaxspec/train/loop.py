@@ -562,6 +562,8 @@ def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
             last_m.update(m)
             window.append(m)
 
+    from jaxspec import distributed
+    agree = distributed.StopAgreement()   # a signal seen by some processes stops all at one step
     preempted = False
     t_window = time.perf_counter()
     step = start
@@ -579,7 +581,8 @@ def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
             boundary_log = step % cfg.log_every == 0 or step == cfg.steps
             boundary_eval = bool(cfg.eval_every) and step % cfg.eval_every == 0 \
                 and step < cfg.steps
-            boundary_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop.flag
+            stopping = agree.should_stop(stop.flag, step)
+            boundary_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stopping
             if boundary_log or boundary_eval or boundary_ckpt:
                 drain()
             if boundary_log and window:
@@ -608,7 +611,7 @@ def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
             if boundary_eval:
                 periodic(run, state, step, ckpt, logger)
                 t_window = time.perf_counter()
-            if stop.flag:
+            if stopping:
                 preempted = True
                 break
     drain()
