@@ -308,6 +308,7 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")   # no TPU VM metadata here
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")     # several AOT runs at once
     kw = dict(preset=args.preset, mesh_space=args.mesh_space, crop=args.crop, bands=args.bands,
               overrides=args.overrides)
     from jaxspec.errors import UsageError
