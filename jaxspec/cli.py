@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write TensorBoard event files to <workdir>/tensorboard")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    from jaxspec import distributed
+    distributed.add_arguments(p)
     return p
 
 
@@ -77,6 +79,10 @@ def _main(argv=None) -> int:
     # orbax/tfds log every checkpoint write at INFO through absl: keep their warnings only
     for name in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from jaxspec import distributed
+    # before anything touches a JAX backend (config_from_args asks for the default backend)
+    multi = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   args.distributed, heartbeat_timeout=args.heartbeat_timeout)
     cfg = config_from_args(args)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
@@ -85,6 +91,14 @@ def _main(argv=None) -> int:
     from jaxspec.train import train_and_evaluate
     summary = train_and_evaluate(cfg, workdir, resume=args.resume, tensorboard=args.tensorboard,
                                  progress=not args.no_progress, handle_sigint=True)
+    import jax
+    rank = jax.process_index()
+    if multi:   # watchdog off, then every process done before the coordinator goes away
+        distributed.stop_watchdog()
+        distributed.sync("jaxspec-end")
+        distributed.shutdown()
+    if rank != 0:
+        return 143 if summary.get("preempted") else 0
     print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
     if summary.get("preempted"):
         print(f"interrupted: state saved at step {summary['step']} in {workdir}; run the same "

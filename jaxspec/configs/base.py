@@ -76,6 +76,7 @@ class Config:
     ckpt_every: int = 250
     keep_last: int = 3
     compute_dtype: str = "float32"    # "bfloat16" optional on accelerators
+    mesh_space: int = 1               # devices splitting H: a ('data', 'space') mesh if > 1
 
     def __post_init__(self):
         # JSON round trips turn tuples into lists: keep the sequence fields tuples (hashable)

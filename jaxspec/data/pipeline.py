@@ -339,7 +339,8 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
                 worker_count: int = 0, prefetch: int = 2, keys: Sequence[str] = ("rgb", "hsi"),
                 split_kind: str | None = None, shard: tuple[int, int] | None = None,
                 augment="dihedral", fusion=None, cache_bytes: int | None = None,
-                crops_per_example: int = 1) -> Iterator[dict[str, Any]]:
+                crops_per_example: int = 1,
+                rows: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
     """Batches of numpy arrays from a random-access ``source`` (e.g. :func:`data_source`).
 
     Train (``train=True`` / ``split_kind="train"``): per-host slice ``source[i::n]`` with
@@ -373,6 +374,11 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
       ``i``): one decode per ``k`` crops when the data do not fit the cache, at the price of
       ``k`` correlated crops per batch. Changing ``k`` changes the stream; the cache does not.
     * ``worker_count``: grain worker processes (each with its own cache).
+
+    ``rows=(start, stop)`` (train, multi-process): with ``shard=(0, 1)`` the stream is the one
+    global batch order and this process reads only rows ``start:stop`` of each global batch of
+    ``batch_size`` (``stop - start`` examples per batch), so the global batches do not depend
+    on the process count.
 
     Returns an iterator of dicts ``{key: np.ndarray}`` with a leading batch axis.
     """
@@ -459,6 +465,14 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
             ds = ds.map(lambda ex: center_crop(ex, int(crop), keys))
         drop_remainder = False
     ds = ds.map(lambda ex: _normalize(ex, normalization))
+    if rows is not None and tuple(rows) != (0, int(batch_size)):
+        r0, r1 = int(rows[0]), int(rows[1])
+        if not (train and 0 <= r0 < r1 <= int(batch_size)):
+            raise ValueError(f"rows={rows}: need training and 0 <= start < stop <= batch_size")
+        full, g, n_rows = ds, int(batch_size), r1 - r0
+        ds = grain.MapDataset.range(len(full) // g * n_rows).map(
+            lambda k: full[(k // n_rows) * g + r0 + k % n_rows])
+        batch_size = n_rows
     ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
     if start_step:
         ds = ds[int(start_step):]

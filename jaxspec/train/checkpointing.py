@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -64,6 +64,27 @@ def _abstract(tree):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         return x
     return jax.tree.map(leaf, tree)
+
+
+def _replicated_target(state_dir: Path):
+    """ShapeDtypeStruct target of a saved ``state/`` item with every array replicated over
+    all current devices: a target-less restore that works whatever topology (devices,
+    processes) wrote the checkpoint (orbax refuses the saved shardings on another one)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    with _quiet_restore():
+        md = ocp.PyTreeCheckpointer().metadata(state_dir)
+    tree = getattr(md, "item_metadata", md)
+    tree = getattr(tree, "tree", tree)
+    devices = jax.devices()
+    rep = NamedSharding(jax.make_mesh((len(devices),), ("d",), devices=devices,
+                                      axis_types=(jax.sharding.AxisType.Auto,)), PartitionSpec())
+
+    def leaf(x):
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=rep)
+        return x
+    return jax.tree.map(leaf, dict(tree) if isinstance(tree, Mapping) else tree,
+                        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
 def _rank(value: float, mode: str) -> float:
@@ -197,7 +218,7 @@ class Checkpointer:
         """Move a corrupt step out of the manager's directory (kept for inspection) so a
         resumed run can save that step again; returns where it went (None: read-only, or
         the move failed; the restore still falls back)."""
-        if self._read_only:
+        if self._read_only or jax.process_index() != 0:   # multi-process: process 0 moves
             return None
         src = self.directory / which / str(step)
         dst = self.directory / "corrupt" / f"{which}-{step}-{int(time.time())}"
@@ -234,8 +255,9 @@ class Checkpointer:
                     meta = self._latest.restore(s, args=ocp.args.Composite(
                         meta=ocp.args.JsonRestore())).meta
                 else:
-                    restore_args = (ocp.args.StandardRestore(_abstract(target_tree))
-                                    if target_tree is not None else ocp.args.StandardRestore())
+                    restore_args = ocp.args.StandardRestore(
+                        _abstract(target_tree) if target_tree is not None else
+                        _replicated_target(self.directory / which / str(s) / "state"))
                     out = m.restore(s, args=ocp.args.Composite(state=restore_args,
                                                                meta=ocp.args.JsonRestore()))
                     state, meta = dict(out.state), out.meta
@@ -258,7 +280,8 @@ class Checkpointer:
     def _restore_latest_variables(self, step: int, target: dict | None) -> dict:
         if target is None:
             out = self._latest.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore())).state
+                state=ocp.args.StandardRestore(
+                    _replicated_target(self.directory / LATEST / str(step) / "state")))).state
             ms = dict(out.get("model_state") or {})
             if "batch_stats" in out and "model_state" not in out:     # pre-model_state layout
                 ms = {"batch_stats": out["batch_stats"]}
@@ -312,11 +335,15 @@ class Checkpointer:
                     f"best/{s} in {self.directory} belongs to run {theirs or '<unknown>'}, "
                     f"latest/ to run {run_id}: the workdir mixes two runs")
             dst = self.directory / "orphaned" / f"best-{s}-{theirs or 'unknown'}"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            (self.directory / BEST / str(s)).rename(dst)
+            if jax.process_index() == 0:   # multi-process: one process moves, all reload
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                (self.directory / BEST / str(s)).rename(dst)
             moved.append(s)
             log.warning("best/%d in %s is from run %s, not the current run %s: moved to %s",
                         s, self.directory, theirs or "<unknown>", run_id, dst)
+        if jax.process_count() > 1:
+            from jaxspec import distributed
+            distributed.sync("jaxspec-reconcile")
         if moved:
             self._best.reload()
         return moved

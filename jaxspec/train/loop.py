@@ -133,12 +133,14 @@ def eval_batches(config: Config, source, max_images: int | None = None, *, metho
     if task.name == "fusion":
         from jaxspec.data import fusion as fusion_data
         deg = fusion_data.degradation_from_config(config)
+    # every process evaluates every image (shard (0, 1)): the metrics, and so the best
+    # checkpoint's selection, are the same on all processes of a multi-process run
     return data_lib.make_loader(source, batch_size=1, crop=None, seed=config.seed, train=False,
                                 normalization=config.rgb_norm, keys=_loader_keys(task),
-                                fusion=deg)
+                                fusion=deg, shard=(0, 1))
 
 
-def train_iterator(config: Config, task, sources, local_bs: int, start: int):
+def train_iterator(config: Config, task, sources, local_bs: int, start: int, mesh=None):
     """The training batches from step ``start``: one stream of the task's keys, or with
     ``config.streams`` a dict ``{stream: batch}`` of independent streams (each with its own
     split/keys/seed/batch size; each deterministic in (seed, t), so resumable at t)."""
@@ -149,16 +151,28 @@ def train_iterator(config: Config, task, sources, local_bs: int, start: int):
         deg = fusion_data.degradation_from_config(config)
     common = dict(crop=config.crop, train=True, normalization=config.rgb_norm,
                   start_step=start, augment=config.augment)
+    if mesh is not None:
+        # one global batch order whatever the process count: every process walks the
+        # unsharded stream and reads only its rows of each global batch
+        common["shard"] = (0, 1)
+
+    def sized(global_bs):
+        if mesh is None:
+            return dict(batch_size=global_bs // jax.process_count())
+        return dict(batch_size=global_bs, rows=sharding.process_rows(global_bs, mesh))
+
     if not config.streams:
-        return data_lib.make_loader(sources, batch_size=local_bs, seed=config.seed,
-                                    keys=_loader_keys(task), fusion=deg, **common)
+        size = sized(config.batch_size) if mesh is not None else dict(batch_size=local_bs)
+        return data_lib.make_loader(sources, seed=config.seed, keys=_loader_keys(task),
+                                    fusion=deg, **size, **common)
     its = {}
     for i, (name, spec) in enumerate(sorted(config.streams.items())):
         spec = dict(spec)
         bs = int(spec.get("batch_size", config.batch_size))
-        bs = local_bs if bs == config.batch_size else bs // jax.process_count()
+        size = sized(bs) if mesh is not None or bs != config.batch_size else \
+            dict(batch_size=local_bs)
         its[name] = data_lib.make_loader(
-            sources[name], batch_size=bs, seed=int(spec.get("seed", config.seed + 1000 * (i + 1))),
+            sources[name], **size, seed=int(spec.get("seed", config.seed + 1000 * (i + 1))),
             keys=tuple(spec.get("keys", _loader_keys(task))),
             fusion=deg if spec.get("fusion", False) else None, **common)
 
@@ -274,7 +288,7 @@ def prepare(config: Config, workdir, *, train_source=None, eval_source=None, dev
                                       where=f"dataset {dataset_name(config)!r}")
     main = _is_main()
     model = method.model(config)
-    mesh = sharding.make_mesh(devices)
+    mesh = sharding.make_mesh(devices, space=config.mesh_space)
     return Run(config=config, method=method, task=task, model=model, workdir=workdir,
                mesh=mesh, rep=sharding.replicated(mesh), main=main,
                train_source=train_source, eval_source=eval_source,
@@ -552,11 +566,13 @@ def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
             last_m.update(m)
             window.append(m)
 
+    from jaxspec import distributed
+    agree = distributed.StopAgreement()   # a signal seen by some processes stops all at one step
     preempted = False
     t_window = time.perf_counter()
     step = start
     with _Preemption(sigint=handle_sigint) as stop:
-        it = (train_iterator(cfg, run.task, run.train_source, local_bs, start)
+        it = (train_iterator(cfg, run.task, run.train_source, local_bs, start, mesh=mesh)
               if start < cfg.steps else iter(()))
         while step < cfg.steps:
             batch = shard_nested(next(it), mesh)
@@ -569,7 +585,8 @@ def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
             boundary_log = step % cfg.log_every == 0 or step == cfg.steps
             boundary_eval = bool(cfg.eval_every) and step % cfg.eval_every == 0 \
                 and step < cfg.steps
-            boundary_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop.flag
+            stopping = agree.should_stop(stop.flag, step)
+            boundary_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stopping
             if boundary_log or boundary_eval or boundary_ckpt:
                 drain()
             if boundary_log and window:
@@ -598,7 +615,7 @@ def iterate(run: Run, state: TrainState, start: int, ckpt, logger: _Logger, *,
             if boundary_eval:
                 periodic(run, state, step, ckpt, logger)
                 t_window = time.perf_counter()
-            if stop.flag:
+            if stopping:
                 preempted = True
                 break
     drain()
@@ -656,6 +673,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
     with WorkdirLock(run.workdir, enabled=run.main):
         check_workdir(run, resume)
         write_run_files(run)
+        from jaxspec import distributed
+        distributed.sync("jaxspec-run-files")   # no process starts before the checks passed
         return _train_locked(run, resume=resume, tensorboard=tensorboard, progress=progress,
                              final_eval=final_eval, figures=figures, handle_sigint=handle_sigint)
 
@@ -672,7 +691,9 @@ def _train_locked(run: Run, *, resume, tensorboard, progress, final_eval, figure
         logger.close()
         return summary
     ckpt = make_checkpointer(run)
-    run.run_id = ckpt.run_id() or checkpointing.new_run_id()
+    from jaxspec import distributed
+    # one run id for all processes (process 0's)
+    run.run_id = distributed.broadcast_str(ckpt.run_id() or checkpointing.new_run_id())
     ckpt.reconcile(run.run_id)    # best/ of another (crashed, older) run is set aside
     state, start = restore(run, state, ckpt, resume)
     progress = run.main if progress is None else (progress and run.main)

@@ -43,11 +43,12 @@ STATE_KEYS = ("method", "task", "dataset", "dataset_config", "optimizer", "b1", 
 
 #: Keys that may change on resume: more or fewer ``steps``, learning-rate schedule knobs (the
 #: divergence message suggests lowering ``lr``, adding warm-up or clipping, then resuming),
-#: evaluation and bookkeeping cadence, and where the data live (paths may move).
+#: evaluation and bookkeeping cadence, where the data live (paths may move), and how the
+#: devices are laid out (``mesh_space``: the same numbers on any mesh).
 RESUMABLE_KEYS = ("steps", "lr", "lr_min", "warmup_steps", "schedule", "grad_clip",
                   "log_every", "eval_every", "ckpt_every", "keep_last", "max_eval_images",
                   "eval_split", "eval_crop_border", "eval_tile", "eval_tile_overlap",
-                  "eval_ensemble", "data_dir", "manual_dir", "preset")
+                  "eval_ensemble", "data_dir", "manual_dir", "preset", "mesh_space")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,190 @@
+"""Scale-out pieces that run on one machine: the ('data', 'space') mesh (H split over
+'space') gives the 1-axis mesh's losses on 4 simulated devices, and the TPU AOT compile
+(``python -m jaxspec.scale``) for v5e:2x2 when libtpu is importable."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+_SPACE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import flax.linen as nn, jax, numpy as np
+    from jaxspec import registry
+    from jaxspec.configs.base import Config
+    from jaxspec.train import train_and_evaluate
+
+    class Net(nn.Module):          # 3x3 convs (halo exchange over H) + BatchNorm (global)
+        @nn.compact
+        def __call__(self, rgb, train=False):
+            x = nn.gelu(nn.Conv(8, (3, 3))(rgb))
+            x = nn.BatchNorm(use_running_average=not train)(x)
+            x = nn.gelu(nn.Conv(8, (3, 3), strides=2)(x))
+            x = nn.ConvTranspose(8, (2, 2), strides=(2, 2))(x)
+            return jax.nn.softplus(nn.Conv(31, (3, 3))(x)) + 0.01
+
+    def smoke():
+        return Config(method="sp_tiny", preset="smoke", crop=16, batch_size=4, steps=4,
+                      lr=3e-3, log_every=1, eval_every=0, ckpt_every=4, rgb_norm="none",
+                      max_eval_images=1)
+
+    registry.register(registry.Method(name="sp_tiny", make_model=lambda m: Net(),
+                                      presets={"smoke": smoke}, stride=2))
+    rng = np.random.default_rng(0)
+    def ex(i):
+        hsi = (rng.random((24, 24, 31)) * 0.8 + 0.1).astype(np.float32)
+        rgb = (hsi @ (np.linspace(0, 1, 93).reshape(31, 3) / 31)).astype(np.float32)
+        return {"hsi": hsi, "rgb": rgb, "name": f"x{i}",
+                "bands": np.linspace(400, 700, 31).astype(np.float32)}
+    src = [ex(i) for i in range(8)]
+    out = {}
+    for space in (1, 2):
+        w = sys.argv[1] + f"/space{space}"
+        cfg = smoke().replace(mesh_space=space)
+        train_and_evaluate(cfg, w, train_source=src, eval_source=src[:1], final_eval=False,
+                           progress=False)
+        out[space] = [json.loads(l)["loss"] for l in open(w + "/metrics.jsonl")]
+    from jaxspec.train import sharding
+    mesh = sharding.make_mesh(space=2)
+    b = sharding.shard_batch({"rgb": np.zeros((4, 16, 16, 3), np.float32),
+                              "srf": np.zeros((4, 31, 3), np.float32)}, mesh)
+    out["specs"] = [str(b["rgb"].sharding.spec), str(b["srf"].sharding.spec)]
+    out["mesh"] = dict(mesh.shape)
+    print(json.dumps(out))
+""")
+
+
+def test_space_mesh_same_losses_as_data_mesh(tmp_path):
+    script = tmp_path / "space.py"
+    script.write_text(_SPACE_SCRIPT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["mesh"] == {"data": 2, "space": 2}
+    assert "space" in out["specs"][0] and "space" not in out["specs"][1]
+    assert len(out["1"]) == 4
+    np.testing.assert_allclose(out["2"], out["1"], rtol=1e-5, atol=0)
+    assert out["1"][-1] < out["1"][0]
+
+
+def test_space_mesh_errors():
+    import jax
+    from jaxspec.train import sharding
+    with pytest.raises(ValueError, match="mesh_space=3"):
+        sharding.make_mesh(space=3 if jax.device_count() % 3 else 7)
+    mesh = sharding.make_mesh()
+    assert sharding.space_size(mesh) == 1 and sharding.data_size(mesh) == jax.device_count()
+
+
+_HLO = """
+  %all-reduce.1 = f32[64,31]{1,0} all-reduce(f32[64,31]{1,0} %p.1), channel_id=1, to_apply=%add
+  %ags = (f32[8]{0}, f32[32]{0}) all-gather-start(f32[8]{0} %p.2), dimensions={0}
+  %agd = f32[32]{0} all-gather-done((f32[8]{0}, f32[32]{0}) %ags)
+  %cp = bf16[2,16]{1,0} collective-permute(bf16[2,16]{1,0} %x), source_target_pairs={{0,1}}
+  %rs = f32[4]{0} reduce-scatter(f32[16]{0} %y), dimensions={0}, to_apply=%add
+  %add.3 = f32[64,31]{1,0} add(f32[64,31]{1,0} %a, f32[64,31]{1,0} %b)
+"""
+
+
+def test_collective_bytes_from_hlo_text():
+    from jaxspec import scale
+    c = scale.collective_bytes(_HLO)
+    assert c["all-reduce"] == {"count": 1, "bytes": 64 * 31 * 4}
+    assert c["all-gather"] == {"count": 1, "bytes": 8 * 4}          # -done not counted again
+    assert c["collective-permute"] == {"count": 1, "bytes": 2 * 16 * 2}
+    assert c["reduce-scatter"] == {"count": 1, "bytes": 16 * 4}
+    assert c["all-to-all"]["count"] == 0
+    assert scale.chip_of("v5e:16x16") == "v5e" and scale.chip_of("v5p:4x4x4") == "v5p"
+    with pytest.raises(ValueError, match="unknown chip"):
+        scale.chip_of("h100:8")
+
+
+def test_build_is_the_loop_step_and_compiles_on_cpu():
+    """The AOT builder's step (abstract state and batch, from a registered method's preset)
+    lowers and compiles for the local devices: the function the loop jits."""
+    import flax.linen as nn
+    import jax
+    from jaxspec import registry, scale
+    from jaxspec.configs.base import Config
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, rgb, train=False):
+            return jax.nn.softplus(nn.Conv(31, (3, 3))(nn.gelu(nn.Conv(8, (3, 3))(rgb))))
+
+    def paper():
+        return Config(method="aot_tiny", preset="paper", crop=16, batch_size=2, steps=2)
+
+    registry.register(registry.Method(name="aot_tiny", make_model=lambda m: Net(),
+                                      presets={"paper": paper}))
+    try:
+        step, state, batch, cfg = scale.build("aot_tiny", jax.devices(),
+                                              global_batch=2 * jax.device_count())
+    finally:
+        registry.unregister("aot_tiny")
+    assert set(batch) == {"rgb", "hsi"} and batch["rgb"].shape == (2 * jax.device_count(),
+                                                                   16, 16, 3)
+    assert batch["hsi"].shape[-1] == 31 and cfg.batch_size == 2 * jax.device_count()
+    compiled = step.lower(state, batch).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    text = compiled.as_text()
+    assert "ENTRY" in text
+
+
+def test_scale_cli_bad_topology(capsys):
+    from jaxspec import scale
+    assert scale.main(["--method", "acc", "--topology", "h100:8", "--per-chip-batch", "1"]) == 2
+    assert "unknown chip" in capsys.readouterr().err
+
+
+def _register_tiny():
+    import flax.linen as nn
+    import jax
+    from jaxspec import registry
+    from jaxspec.configs.base import Config
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, rgb, train=False):
+            return jax.nn.softplus(nn.Conv(31, (3, 3))(nn.gelu(nn.Conv(8, (3, 3))(rgb))))
+
+    def paper():
+        return Config(method="aot_tiny", preset="paper", crop=16, batch_size=2, steps=2)
+
+    registry.register(registry.Method(name="aot_tiny", make_model=lambda m: Net(),
+                                      presets={"paper": paper}))
+    return "aot_tiny"
+
+
+def test_aot_compile_for_v5e_2x2():
+    """Compile a train step for a v5e 2x2 slice on this CPU machine (needs libtpu, the 'tpu'
+    extra, installed in a separate environment, see docs/scaling.md); skipped without it."""
+    pytest.importorskip("libtpu")
+    from jaxspec import registry, scale
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # another AOT run may hold it
+    name = _register_tiny()
+    try:
+        rep = scale.analyse(name, "v5e:2x2", per_chip_batch=2)
+        wide = scale.analyse(name, "v5e:2x4", per_chip_batch=2)
+    finally:
+        registry.unregister(name)
+    assert rep["chips"] == 4 and rep["global_batch"] == 8 and rep["fits"]
+    assert rep["flops_per_chip"] > 0 and 0 < rep["hbm_bytes"] < rep["hbm_capacity"]
+    assert rep["collectives"]["all-reduce"]["count"] > 0      # the gradient mean
+    assert rep["roofline"]["step_s"] > 0
+    assert wide["chips"] == 8 and wide["global_batch"] == 16
+    # weak scaling: the per-chip program does the same work
+    assert wide["flops_per_chip"] == pytest.approx(rep["flops_per_chip"], rel=0.05)
+    assert "v5e:2x2" in scale.format_report(rep) and scale.table_row(rep).startswith("| aot")
