@@ -27,7 +27,7 @@ def paper() -> Config:
 
 
 def cpu() -> Config:
-    return make_preset("acc", "cpu", MODEL, CPU_BUILTIN, crop=16, batch_size=8, steps=800,
+    return make_preset("acc", "cpu", MODEL, CPU_BUILTIN, crop=16, batch_size=8, steps=1200,
                        lr=2e-3, warmup_steps=20, loss="l1", eval_every=200, ckpt_every=200)
 
 

@@ -54,7 +54,7 @@ def paper() -> Config:
 
 
 def cpu() -> Config:
-    return make_preset("ccnet", "cpu", MODEL, CPU_BUILTIN, crop=16, batch_size=8, steps=600,
+    return make_preset("ccnet", "cpu", MODEL, CPU_BUILTIN, crop=16, batch_size=8, steps=1000,
                        lr=2e-3, warmup_steps=20, loss=CPU_LOSS, eval_every=200,
                        ckpt_every=200)
 
