@@ -3,7 +3,7 @@ beside the paper's NTIRE-2022 numbers with a column saying whether the direction
 agrees with the paper.
 
     python bench/ccnet_ablations.py                         # reduced budget (see --help)
-    python bench/ccnet_ablations.py --steps 600 --stage 3   # the cpu preset's schedule
+    python bench/ccnet_ablations.py --steps 1000 --stage 3  # the cpu preset's schedule
     python bench/ccnet_ablations.py --only full,mha,no_global
     python bench/ccnet_ablations.py --stability          # ||J_ij|| vs |i - j| (docs/lipschitz.md)
     python bench/ccnet_ablations.py --flops              # XLA FLOPs (Table II FLOPs_s column)
