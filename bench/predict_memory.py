@@ -4,7 +4,7 @@ For each method, a workdir with *randomly initialised* weights of its preset is 
 (:func:`jaxspec.convert.write_workdir`; memory and time do not depend on the weights), a
 ``--size WxH`` 8-bit PNG is generated, and ``python -m jaxspec.predict`` runs in a fresh
 process under the default ``--max-memory`` (4GiB) or ``--max-memory``; the process's peak RSS
-(``ru_maxrss``), its wall time and the chosen tile are printed as JSON lines.
+(``VmHWM``), its wall time and the chosen tile are printed as JSON lines.
 
     nice -n 10 python bench/predict_memory.py --methods acc mstpp --preset cpu --size 4000x3000
 """
@@ -34,7 +34,9 @@ _RUN = textwrap.dedent("""
     import resource, sys
     from jaxspec import predict
     rc = predict.main(sys.argv[1:])
-    print("PEAK_RSS_BYTES", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]   # reset at exec
+    print("PEAK_RSS_BYTES", int(hwm[0].split()[1]) * 1024 if hwm else
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     sys.exit(rc)
 """)
 

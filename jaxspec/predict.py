@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger("jaxspec.predict")
 
 FORMATS = ("npy", "mat", "tif")
 
@@ -203,7 +206,16 @@ def predict_bounded(model, variables, x: np.ndarray, out_stem: Path, fmt: str, *
     if auto:
         # resident now + the output when it is held (mat/tif) + slack for the XLA runtime and
         # Python temporaries that the compiled statistics do not cover
-        reserved = inference.current_rss() + (0 if fmt == "npy" else out_bytes) + (384 << 20)
+        own = (0 if fmt == "npy" else out_bytes) + (384 << 20)
+        rss = inference.current_rss()
+        if rss + own >= max_memory and own < max_memory:
+            # a long-lived process (a notebook, a test worker) already holds more than the
+            # bound: size the tiles so that this prediction adds at most max_memory
+            log.warning("this process already holds %.2f GiB, more than --max-memory %.2f GiB "
+                        "allows with the output; tiles are sized for %.2f GiB on top of it",
+                        rss / 2**30, max_memory / 2**30, max_memory / 2**30)
+            rss = 0
+        reserved = rss + own
         tile = inference.tile_for_memory(predict, x.shape, max_bytes=max_memory, stride=stride,
                                          overlap=overlap, ensemble=ensemble, reserved=reserved)
     if auto and tile is not None:
