@@ -113,26 +113,15 @@ def test_collective_bytes_from_hlo_text():
 def test_build_is_the_loop_step_and_compiles_on_cpu():
     """The AOT builder's step (abstract state and batch, from a registered method's preset)
     lowers and compiles for the local devices: the function the loop jits."""
-    import flax.linen as nn
     import jax
     from jaxspec import registry, scale
-    from jaxspec.configs.base import Config
 
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, rgb, train=False):
-            return jax.nn.softplus(nn.Conv(31, (3, 3))(nn.gelu(nn.Conv(8, (3, 3))(rgb))))
-
-    def paper():
-        return Config(method="aot_tiny", preset="paper", crop=16, batch_size=2, steps=2)
-
-    registry.register(registry.Method(name="aot_tiny", make_model=lambda m: Net(),
-                                      presets={"paper": paper}))
+    name = _register_tiny()
     try:
-        step, state, batch, cfg = scale.build("aot_tiny", jax.devices(),
+        step, state, batch, cfg = scale.build(name, jax.devices(),
                                               global_batch=2 * jax.device_count())
     finally:
-        registry.unregister("aot_tiny")
+        registry.unregister(name)
     assert set(batch) == {"rgb", "hsi"} and batch["rgb"].shape == (2 * jax.device_count(),
                                                                    16, 16, 3)
     assert batch["hsi"].shape[-1] == 31 and cfg.batch_size == 2 * jax.device_count()
