@@ -38,9 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxspec.errors import UsageError
+
 log = logging.getLogger("jaxspec.predict")
 
 FORMATS = ("npy", "mat", "tif")
+INPUT_SPACES = ("srgb", "camera")
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -252,17 +255,63 @@ def model_input_spec(workdir) -> dict:
     return {"encoding": "linear", "native_scale": 1.0}
 
 
-def read_model_rgb(path, spec: dict, *, grey: str = "reject", input_encoding: str | None = None
+def _run_srf(spec: dict, workdir) -> tuple[np.ndarray, np.ndarray] | None:
+    """(srf (C, 3), band centres) the run's training RGB was rendered with, or None."""
+    if "srf" not in spec:
+        return None
+    srf = np.asarray(spec["srf"], np.float64)
+    from jaxspec.physics import grids
+    bands = None
+    if workdir is not None and (Path(workdir) / "bands.json").is_file():
+        bands = np.asarray(json.loads((Path(workdir) / "bands.json").read_text()), np.float64)
+    if bands is None or bands.shape != (srf.shape[0],):
+        if srf.shape[0] != len(grids.WAVELENGTHS_31):
+            return None
+        bands = np.asarray(grids.WAVELENGTHS_31, np.float64)
+    return srf, bands
+
+
+def read_model_rgb(path, spec: dict, *, grey: str = "reject", input_encoding: str | None = None,
+                   input_space: str | None = None, exposure: str = "as-is", workdir=None
                    ) -> tuple[np.ndarray, dict]:
-    """(H, W, 3) float32 photo in the model's input encoding and native scale (before the
-    ``rgb_norm`` that :func:`jaxspec.api.reconstruct` applies) and a record of the conversion."""
-    from jaxspec.data.photos import read_photo, to_model_encoding
+    """(H, W, 3) float32 photo in the model's input encoding, camera space and native scale
+    (before the ``rgb_norm`` that :func:`jaxspec.api.reconstruct` applies) and a record of the
+    conversion.
+
+    ``input_space``: ``"srgb"`` -- the photo's linear values are sRGB primaries of a
+    white-balanced (D65) scene, converted to the run's camera by
+    :func:`jaxspec.data.photos.srgb_to_camera_matrix` of the SRF recorded in ``input.json``
+    (the default when the run records one and expects linear RGB); ``"camera"`` -- the photo
+    is already in the run's camera RGB (the default otherwise). ``exposure``: ``"as-is"`` or
+    ``"normalise"`` (:func:`jaxspec.data.photos.apply_exposure` against the run's ``rgb_p99``).
+    """
+    from jaxspec.data.photos import (apply_exposure, read_photo, srgb_to_camera_matrix,
+                                     to_model_encoding)
+    expects = spec.get("encoding", "linear")
+    srf = _run_srf(spec, workdir)
+    if input_space is None:
+        input_space = "srgb" if (srf is not None and expects == "linear") else "camera"
+    if input_space not in INPUT_SPACES:
+        raise UsageError(f"input_space must be one of {INPUT_SPACES}, got {input_space!r}")
+    matrix = None
+    if input_space == "srgb":
+        if expects != "linear":
+            raise UsageError(f"--input-space srgb: this run's model takes {expects!r} RGB "
+                             f"(its own camera's images); use --input-space camera")
+        if srf is None:
+            raise UsageError("--input-space srgb: the run does not record the SRF of its "
+                             "training RGB (input.json has no 'srf'; runs trained before this "
+                             "was recorded, or data with camera RGB); use --input-space camera")
+        matrix = srgb_to_camera_matrix(*srf)
     rgb, info = read_photo(path, grey=grey)
     x = to_model_encoding(np.asarray(rgb, np.float32) / np.float32(info.max_code), info,
-                          encoding=input_encoding, expects=spec.get("encoding", "linear"),
-                          native_scale=float(spec.get("native_scale", 1.0)))
+                          encoding=input_encoding, expects=expects,
+                          native_scale=float(spec.get("native_scale", 1.0)), colour_matrix=matrix)
+    x, gain = apply_exposure(x, exposure, spec.get("rgb_p99"))
     rec = {"photo": info.to_dict(), "input_encoding": input_encoding or info.transfer or "srgb",
-           "model_expects": spec.get("encoding", "linear"),
+           "model_expects": expects, "input_space": input_space,
+           "colour_matrix": None if matrix is None else np.round(matrix, 6).tolist(),
+           "exposure": exposure, "exposure_gain": gain,
            "native_scale": float(spec.get("native_scale", 1.0)),
            "model_input_mean": [float(v) for v in x.reshape(-1, 3).mean(0)]}
     return x, rec
@@ -287,6 +336,14 @@ def _main(argv=None) -> int:
                    help="grey photos: refuse (default) or replicate to RGB")
     p.add_argument("--input-encoding", choices=("srgb", "linear"), default=None,
                    help="how the photos are encoded (default: srgb; EXR: linear)")
+    p.add_argument("--input-space", choices=INPUT_SPACES, default=None,
+                   help="srgb: white-balanced sRGB photo, converted to the run's camera by a "
+                        "3x3 colour matrix fitted on measured reflectances (default when the "
+                        "run records its SRF); camera: already the run's camera RGB")
+    p.add_argument("--exposure", choices=("as-is", "normalise"), default="as-is",
+                   help="as-is: photo full scale = model full scale (white -> unit "
+                        "reflectance); normalise: scale the photo's 99th percentile to the "
+                        "training RGB's (input.json rgb_p99)")
     p.add_argument("--max-memory", default="4GiB",
                    help="resident-memory bound that picks the tile size (default 4GiB; "
                         "e.g. 2GiB, 512MiB)")
@@ -323,7 +380,9 @@ def _main(argv=None) -> int:
         spec = model_input_spec(a.workdir)
         images = []
         for f in a.images:
-            x, recs[f] = read_model_rgb(f, spec, grey=a.grey, input_encoding=a.input_encoding)
+            x, recs[f] = read_model_rgb(f, spec, grey=a.grey, input_encoding=a.input_encoding,
+                                        input_space=a.input_space, exposure=a.exposure,
+                                        workdir=a.workdir)
             images.append((Path(f), x))
     stems = unique_output_stems([p for p, _ in images])
     for (path, x), stem in zip(images, stems):

@@ -202,8 +202,14 @@ def test_builder_trains_evaluates_predicts(name, tmp_path, monkeypatch, caplog, 
     assert cfg["eval_split"] == split and cfg["bands"] == n_bands
     assert cfg["model"]["out_channels"] == n_bands          # the model follows the data
     assert len(json.loads((w / "bands.json").read_text())) == n_bands
-    assert json.loads((w / "input.json").read_text()) == {
+    rec = json.loads((w / "input.json").read_text())
+    assert {k: rec[k] for k in ("encoding", "native_scale", "rgb_norm")} == {
         "encoding": encoding, "native_scale": scale, "rgb_norm": "minmax"}
+    assert rec["rgb_p99"] > 0
+    # rendered datasets (rgb = hsi @ srf) record the SRF predict converts photos to
+    assert ("srf" in rec) == bool(data.load_builder_module(name).Builder.RENDERED), rec.keys()
+    if "srf" in rec:
+        assert np.asarray(rec["srf"]).shape == (n_bands, 3)
     ev = json.loads((w / "eval.json").read_text())
     assert ev["split"] == split and ev["num_images"] >= 1
     _finite_metrics(ev["mean"])

@@ -250,3 +250,63 @@ def test_bench_user_errors_one_line(tmp_path, argv, code, needle):
     line = _one_line(r.stderr)
     assert line.startswith(f"{argv[0]}: error:") and needle in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]   # nothing written
+
+
+def _srf_source(n, seed):
+    """_source with the SRF feature a rendered dataset carries (``rgb = hsi @ srf``)."""
+    from jaxspec.physics import get_srf
+    srf = np.asarray(get_srf("cie1964"), np.float32)
+    out = _source(n, seed)
+    for ex in out:
+        ex["rgb"] = (ex["hsi"] @ srf).astype(np.float32)
+        ex["srf"], ex["camera"] = srf, b"cie1964"
+    return out
+
+
+@pytest.fixture(scope="module")
+def srf_run_dir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("wire_srf") / "run"
+    train_and_evaluate(_cfg(), work, train_source=_srf_source(4, 0),
+                       eval_source=_srf_source(1, 1), progress=False, figures=0)
+    return work
+
+
+def test_predict_converts_srgb_photo_to_the_recorded_camera(srf_run_dir, tmp_path):
+    """A run on rendered data records its SRF and RGB level (input.json); predict then maps a
+    white-balanced sRGB photo to that camera (colour matrix) by default, ``--input-space
+    camera`` skips the matrix, ``--exposure normalise`` brings the photo's 99th percentile to
+    the training RGB's."""
+    from jaxspec.data.photos import srgb_to_camera_matrix
+    from jaxspec.physics import get_srf
+    spec = json.loads((srf_run_dir / "input.json").read_text())
+    np.testing.assert_allclose(spec["srf"], get_srf("cie1964"), atol=1e-6)
+    assert spec["cameras"] == ["cie1964"] and spec["rgb_p99"] > 0
+    img = np.random.default_rng(3).integers(0, 256, (6, 7, 3)).astype(np.uint8)
+    _png(tmp_path / "c.png", img)
+    lin = srgb_to_linear(img / 255.0)
+    a = srgb_to_camera_matrix(get_srf("cie1964"))
+    out = tmp_path / "pred"
+    assert _predict(srf_run_dir, out, tmp_path / "c.png") == 0
+    rec = _side(out, "c")["input"]
+    assert rec["input_space"] == "srgb" and rec["exposure_gain"] == 1.0
+    np.testing.assert_allclose(rec["colour_matrix"], a, atol=1e-6)
+    want = np.maximum(lin.reshape(-1, 3) @ a, 0).mean(0)
+    np.testing.assert_allclose(rec["model_input_mean"], want, rtol=1e-5)
+    assert _predict(srf_run_dir, out, tmp_path / "c.png", extra=("--input-space", "camera")) == 0
+    rec = _side(out, "c")["input"]
+    assert rec["input_space"] == "camera" and rec["colour_matrix"] is None
+    np.testing.assert_allclose(rec["model_input_mean"], lin.reshape(-1, 3).mean(0), rtol=1e-5)
+    assert _predict(srf_run_dir, out, tmp_path / "c.png", extra=("--exposure", "normalise")) == 0
+    rec = _side(out, "c")["input"]
+    g = spec["rgb_p99"] / np.percentile(np.maximum(lin @ a, 0), 99)
+    assert rec["exposure"] == "normalise" and rec["exposure_gain"] == pytest.approx(g, rel=1e-4)
+
+
+def test_predict_srgb_space_needs_a_recorded_srf(run_dir, tmp_path, capsys):
+    _png(tmp_path / "g.png", np.full((6, 7, 3), 128, np.uint8))
+    capsys.readouterr()
+    assert _predict(run_dir, tmp_path / "o", tmp_path / "g.png",
+                    extra=("--input-space", "srgb")) == 2
+    assert "does not record the SRF" in _one_line(capsys.readouterr().err)
+    assert _predict(run_dir, tmp_path / "o", tmp_path / "g.png") == 0   # default: camera
+    assert _side(tmp_path / "o", "g")["input"]["input_space"] == "camera"

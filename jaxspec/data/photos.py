@@ -31,6 +31,7 @@ a distinct output stem.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,10 +40,12 @@ import numpy as np
 
 from jaxspec.errors import InputError, InputNotFoundError
 
-__all__ = ["ENCODINGS", "PhotoInfo", "linear_to_srgb", "read_photo", "srgb_to_linear",
-           "to_model_encoding", "unique_output_stems"]
+__all__ = ["ENCODINGS", "EXPOSURES", "PhotoInfo", "apply_exposure", "linear_to_srgb",
+           "read_photo", "srgb_to_camera_matrix", "srgb_to_linear", "to_model_encoding",
+           "unique_output_stems"]
 
 ENCODINGS = ("srgb", "linear")
+EXPOSURES = ("as-is", "normalise")
 _MAX_PIXELS = 1 << 28          # 268 M pixels: larger headers are corrupt or not a photo
 
 
@@ -94,7 +97,8 @@ def linear_to_srgb(v):
 
 
 def to_model_encoding(img01, info: PhotoInfo | None = None, encoding: str | None = None,
-                      expects: str = "linear", native_scale: float = 1.0) -> np.ndarray:
+                      expects: str = "linear", native_scale: float = 1.0,
+                      colour_matrix=None) -> np.ndarray:
     """Convert a photo in [0, 1] (``rgb / info.max_code``) to a model's input encoding.
 
     Args:
@@ -106,13 +110,15 @@ def to_model_encoding(img01, info: PhotoInfo | None = None, encoding: str | None
       expects: what the model was trained on: ``"linear"`` (linear RGB, e.g. ``hsi @ srf`` of
         the built-in data and rendered real datasets) or ``"srgb"`` (display-referred images,
         e.g. NTIRE Clean PNGs).
+      colour_matrix: optional 3x3 ``A`` applied to the linear RGB (``x @ A``) when the model
+        expects linear RGB, e.g. :func:`srgb_to_camera_matrix` of the run's SRF.
       native_scale: full scale of the training RGB before the loader's normalisation: 1.0
         for linear data, 255.0 for 8-bit sources (common schema: "8-bit sources keep 0..255
         code values"); the caller then applies ``normalize_rgb(x, config.rgb_norm)`` exactly
         as the loader did.
 
-    Returns float32 (H, W, 3): ``native_scale * T(img01)`` with ``T`` the sRGB decoding
-    (srgb -> linear), encoding (linear -> srgb) or the identity.
+    Returns float32 (H, W, 3): ``native_scale * T(img01) [@ colour_matrix]`` with ``T`` the
+    sRGB decoding (srgb -> linear), encoding (linear -> srgb) or the identity.
     """
     if encoding is None:
         encoding = (info.transfer if info is not None and info.transfer else "srgb")
@@ -128,6 +134,11 @@ def to_model_encoding(img01, info: PhotoInfo | None = None, encoding: str | None
         x = srgb_to_linear(np.clip(x, 0.0, 1.0))
     elif encoding == "linear" and expects == "srgb":
         x = linear_to_srgb(np.clip(x, 0.0, None))
+    if colour_matrix is not None and expects == "linear":
+        a = np.asarray(colour_matrix, np.float32)
+        if a.shape != (3, 3) or not np.all(np.isfinite(a)):
+            raise InputError(f"colour_matrix must be a finite 3x3 matrix, got {a.shape}")
+        x = np.maximum(np.clip(x, 0.0, None) @ a, 0.0)
     return (x * np.float32(native_scale)).astype(np.float32)
 
 
@@ -162,6 +173,85 @@ def unique_output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
         dup = sorted({s for s in out if out.count(s) > 1})
         raise InputError(f"cannot give distinct output names to inputs {dup}: rename them")
     return out
+
+
+# ------------------------------------------------------------------------- colour space
+@functools.lru_cache(maxsize=16)
+def _srgb_to_camera_cached(srf_bytes: bytes, n_bands: int, wl_bytes: bytes) -> np.ndarray:
+    import colour
+
+    from jaxspec.data import spectra
+    from jaxspec.physics import grids
+    srf = np.frombuffer(srf_bytes, np.float64).reshape(n_bands, 3)
+    wl = np.frombuffer(wl_bytes, np.float64)
+    grid = np.asarray(grids.WAVELENGTHS_31, np.float64)
+    if wl.shape != grid.shape or not np.allclose(wl, grid):
+        srf = np.asarray(grids.resample(srf, wl, grid, axis=0, extrapolate="zero"), np.float64)
+    refl = np.asarray(spectra.reflectance_pool().spectra, np.float64)          # (N, 31)
+    cmf = colour.MSDS_CMFS["CIE 1931 2 Degree Standard Observer"]
+    xyz_bar = np.asarray(grids.resample(cmf.values, cmf.wavelengths, grid, axis=0), np.float64)
+    d65 = colour.SDS_ILLUMINANTS["D65"]
+    e = np.asarray(grids.resample(d65.values, d65.wavelengths, grid), np.float64)
+    xyz = (refl * e) @ xyz_bar / float(e @ xyz_bar[:, 1])                      # Y(white) = 1
+    m = np.asarray(colour.models.RGB_COLOURSPACE_sRGB.matrix_XYZ_to_RGB, np.float64)
+    srgb_lin = xyz @ m.T
+    target = refl @ srf
+    a, *_ = np.linalg.lstsq(srgb_lin, target, rcond=None)
+    return a.astype(np.float32)
+
+
+def srgb_to_camera_matrix(srf, wavelengths=None) -> np.ndarray:
+    """3x3 colour-correction matrix ``A`` with ``camera_rgb ~= linear_srgb @ A``.
+
+    A display-referred photo (sRGB, the standard of phone and camera JPEGs) is white-balanced:
+    a perfect white reflector is (1, 1, 1), and its linear values are the sRGB primaries of the
+    CIE 1931 XYZ of the scene under D65. A model trained on ``rgb = hsi @ srf`` expects the
+    RGB of that camera instead. ``A`` is the least-squares map, over every measured reflectance
+    of :func:`jaxspec.data.spectra.reflectance_pool`, from the photo's linear sRGB of the
+    reflectance (lit by D65, CIE 1931 2-degree observer, sRGB matrix of colour-science) to
+    ``reflectance @ srf`` (the camera's RGB of the reflectance under an equal-energy light), so
+    the model sees a white-balanced scene with white at unit reflectance and returns
+    reflectance-like spectra. ``srf`` is (C, 3) on ``wavelengths`` (default: the 31-band
+    400-700 nm grid); other grids are resampled onto it (zero outside).
+    """
+    srf = np.asarray(srf, np.float64)
+    if srf.ndim != 2 or srf.shape[1] != 3:
+        raise InputError(f"srgb_to_camera_matrix: srf must be (C, 3), got shape {srf.shape}")
+    if not np.all(np.isfinite(srf)):
+        raise InputError("srgb_to_camera_matrix: srf contains NaN or inf")
+    if wavelengths is None:
+        from jaxspec.physics import grids
+        if srf.shape[0] != len(grids.WAVELENGTHS_31):
+            raise InputError(f"srgb_to_camera_matrix: a {srf.shape[0]}-band srf needs its "
+                             f"wavelengths")
+        wavelengths = grids.WAVELENGTHS_31
+    wl = np.asarray(wavelengths, np.float64)
+    if wl.shape != (srf.shape[0],):
+        raise InputError(f"srgb_to_camera_matrix: {wl.shape[0] if wl.ndim else 0} wavelengths "
+                         f"for a {srf.shape[0]}-band srf")
+    return _srgb_to_camera_cached(np.ascontiguousarray(srf).tobytes(), srf.shape[0],
+                                  np.ascontiguousarray(wl).tobytes()).copy()
+
+
+def apply_exposure(x, exposure: str = "as-is", reference: float | None = None,
+                   percentile: float = 99.0) -> tuple[np.ndarray, float]:
+    """``(x * gain, gain)``. ``"as-is"``: gain 1 (the photo's full scale is the model's: a
+    white-balanced photo's white maps to unit reflectance). ``"normalise"``: the gain that
+    puts the image's ``percentile``-th percentile (over all pixels and channels) at
+    ``reference`` -- the same statistic of the training RGB, recorded by training in
+    ``input.json`` -- so an under- or over-exposed photo reaches the exposure range the model
+    was trained on. A black image keeps gain 1."""
+    if exposure not in EXPOSURES:
+        raise InputError(f"exposure must be one of {EXPOSURES}, got {exposure!r}")
+    x = np.asarray(x, np.float32)
+    if exposure == "as-is":
+        return x, 1.0
+    if reference is None or not np.isfinite(reference) or reference <= 0:
+        raise InputError("exposure='normalise' needs the training RGB's reference level "
+                         "(input.json 'rgb_p99'); this run does not record it")
+    level = float(np.percentile(x, percentile))
+    gain = float(reference) / level if level > 0 else 1.0
+    return (x * np.float32(gain)).astype(np.float32), gain
 
 
 # ------------------------------------------------------------------------- reading

@@ -80,24 +80,7 @@ LEVELS = 2          # U-Net down-samplings (32 -> 64 -> 128 channels)
 # --------------------------------------------------------------------------------------------
 # loss (Eq. 15)
 # --------------------------------------------------------------------------------------------
-def spectral_difference_loss(pred: Array, gt: Array) -> Array:
-    """Spectral difference loss, Eq. 15, averaged over pixels (and the batch)::
-
-        L_diff = mean_pixels (1/C) sum_i sum_{j != i} | |Y_i - Y_j| - |Yhat_i - Yhat_j| |
-
-    ``pred``, ``gt``: ``(..., C)``. The ``C(C-1)`` ordered pairs are twice the ``i < j``
-    pairs, which is what is computed (a ``(..., C(C-1)/2)`` gather instead of ``(..., C, C)``).
-    """
-    c = gt.shape[-1]
-    if pred.shape != gt.shape:
-        raise ValueError(f"spectral_difference_loss: pred {pred.shape} and gt {gt.shape} differ")
-    iu, ju = np.triu_indices(c, k=1)
-    d_gt = jnp.abs(gt[..., iu] - gt[..., ju])
-    d_pr = jnp.abs(pred[..., iu] - pred[..., ju])
-    return 2.0 * jnp.mean(jnp.sum(jnp.abs(d_gt - d_pr), axis=-1)) / c
-
-
-losses_lib.LOSSES["diff"] = spectral_difference_loss
+spectral_difference_loss = losses_lib.spectral_difference_loss   # Eq. 15, registered as "diff"
 
 
 # --------------------------------------------------------------------------------------------

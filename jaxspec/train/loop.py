@@ -334,7 +334,41 @@ def input_record(run: Run) -> dict:
         scale = float(getattr(module.Builder, "RGB_SCALE", scale))
     except (ValueError, FileNotFoundError, ImportError, AttributeError):
         pass
-    return {"encoding": enc, "native_scale": scale, "rgb_norm": run.config.rgb_norm}
+    rec = {"encoding": enc, "native_scale": scale, "rgb_norm": run.config.rgb_norm}
+    rec.update(_rgb_camera_record(run))
+    return rec
+
+
+def _text(v) -> str:
+    v = np.asarray(v).item()
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _rgb_camera_record(run: Run, n: int = 16) -> dict:
+    """From up to ``n`` evenly spaced training examples: the SRF the RGB was rendered with
+    (``srf``, (C, 3) on ``bands``; the mean when the examples' cameras differ, listed in
+    ``cameras``) when the data carries an ``srf`` feature, and ``rgb_p99``: the median over
+    the examples of each image's 99th percentile of its RGB (native scale), the reference
+    level of ``predict --exposure normalise``. Empty for data without random access or
+    without an ``rgb`` feature."""
+    src = run.train_source if run.train_source is not None else run.eval_source
+    try:
+        size = len(src)
+        idx = sorted({int(i) for i in np.linspace(0, size - 1, num=min(n, size))})
+        exs = [src[i] for i in idx]
+    except Exception:   # noqa: BLE001 - streams and custom sources without random access
+        return {}
+    if not exs or any("rgb" not in ex for ex in exs):
+        return {}
+    rec: dict = {"rgb_p99": float(np.median([np.percentile(np.asarray(ex["rgb"], np.float32), 99)
+                                              for ex in exs]))}
+    srfs = [np.asarray(ex["srf"], np.float64) for ex in exs if "srf" in ex]
+    if srfs and all(f.shape == srfs[0].shape and f.ndim == 2 and f.shape[1] == 3 for f in srfs):
+        rec["srf"] = np.mean(srfs, axis=0).round(8).tolist()
+        cams = sorted({_text(ex["camera"]) for ex in exs if "camera" in ex})
+        if cams:
+            rec["cameras"] = cams
+    return rec
 
 
 def write_run_files(run: Run) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxspec.errors import UsageError
 
@@ -61,6 +62,23 @@ def sam_loss(pred, gt, eps: float = 1e-8):
     return jnp.mean(jnp.arccos(jnp.clip(num / den, -1.0 + 1e-7, 1.0 - 1e-7)))
 
 
+def spectral_difference_loss(pred, gt):
+    """CCNet's spectral difference loss (its Eq. 15; ``"diff"``), mean over pixels::
+
+        L_diff = mean_pixels (1/C) sum_i sum_{j != i} | |Y_i - Y_j| - |Yhat_i - Yhat_j| |
+
+    ``pred``, ``gt``: ``(..., C)``. The ``C(C-1)`` ordered pairs are twice the ``i < j``
+    pairs, which is what is computed (a ``(..., C(C-1)/2)`` gather instead of ``(..., C, C)``).
+    """
+    c = gt.shape[-1]
+    if pred.shape != gt.shape:
+        raise ValueError(f"spectral_difference_loss: pred {pred.shape} and gt {gt.shape} differ")
+    iu, ju = np.triu_indices(c, k=1)
+    d_gt = jnp.abs(gt[..., iu] - gt[..., ju])
+    d_pr = jnp.abs(pred[..., iu] - pred[..., ju])
+    return 2.0 * jnp.mean(jnp.sum(jnp.abs(d_gt - d_pr), axis=-1)) / c
+
+
 LOSSES: dict[str, LossFn] = {
     "mrae": mrae_loss,
     "mrae_eps": mrae_eps_loss,
@@ -68,6 +86,7 @@ LOSSES: dict[str, LossFn] = {
     "mse": mse_loss,
     "rmse": rmse_loss,
     "sam": sam_loss,
+    "diff": spectral_difference_loss,
 }
 
 
