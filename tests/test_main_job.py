@@ -74,6 +74,11 @@ def _sam(pred, gt):
     return float(metrics.sam(np.asarray(pred, np.float32)[None], gt[None])[0])
 
 
+def _psnr(pred, gt):
+    from jaxspec import metrics
+    return float(metrics.psnr(np.clip(pred, 0, 1).astype(np.float32)[None], gt[None])[0])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CAVE.is_dir(), reason="../shared/data/cave not present")
 def test_photo_reconstruction_of_real_scenes(main_run, tmp_path):
@@ -100,14 +105,13 @@ def test_photo_reconstruction_of_real_scenes(main_run, tmp_path):
         y = np.concatenate([scenes[k][1].reshape(-1, 31) for k in others]).astype(np.float64)
         w, *_ = np.linalg.lstsq(x, y, rcond=None)
         ls = np.maximum(lin.reshape(-1, 3) @ w, 0).reshape(cube.shape)
-        corr = np.corrcoef(pred.reshape(-1, 31).mean(0), cube.reshape(-1, 31).mean(0))[0, 1]
         rows[name] = dict(model=_sam(pred, cube), ls_other=_sam(ls, cube),
-                          flat=_sam(np.ones_like(cube), cube), corr=corr)
-    mean = {k: float(np.mean([r[k] for r in rows.values()])) for k in ("model", "ls_other",
-                                                                      "flat", "corr")}
+                          flat=_sam(np.ones_like(cube), cube),
+                          psnr=_psnr(pred, cube), ls_psnr=_psnr(ls, cube))
+    mean = {k: float(np.mean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
     print(json.dumps({"scenes": rows, "mean": mean}, indent=1))
-    # spectra, not just colours: clearly better than a flat spectrum, the scene's mean
-    # spectrum reproduced, and within 30 % of the spectral angle of a map fitted on real pairs
+    # spectra, not just colours: clearly better than a flat spectrum, within 30 % of the
+    # spectral angle and 2.5 dB of a linear map fitted on this rendering's real pairs
     assert mean["model"] < mean["flat"] - 3.0, mean
-    assert mean["corr"] > 0.9, mean
     assert mean["model"] < 1.3 * mean["ls_other"], mean
+    assert mean["psnr"] > mean["ls_psnr"] - 2.5, mean
