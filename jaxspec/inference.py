@@ -56,14 +56,27 @@ def make_predict_fn(apply_fn: Callable, variables: Mapping[str, Any], *, jit: bo
         return split_output(apply_fn(variables, x, train=False))[0].astype(jnp.float32)
 
     fn = jax.jit(fn) if jit else fn
+    compiled: dict[tuple, Any] = {}     # ahead-of-time programs by input shape (``compile``)
 
     def predict(x):
-        return fn(variables, jnp.asarray(x, jnp.float32))
+        x = jnp.asarray(x, jnp.float32)
+        exe = compiled.get(tuple(x.shape))
+        return exe(variables, x) if exe is not None else fn(variables, x)
 
     # memory planning (:func:`tile_for_memory`): the compiled program of one input shape, the
-    # output shape, and the bytes the variables occupy (passed as arguments on every call)
+    # output shape, and the bytes the variables occupy (passed as arguments on every call).
+    # ``compile(shape)`` keeps the program, so a shape planned for is not compiled again when
+    # it is then predicted.
     jitted = fn if jit else jax.jit(fn)
     predict.lower = lambda shape: jitted.lower(variables, jax.ShapeDtypeStruct(shape, jnp.float32))
+
+    def compile_shape(shape):
+        shape = tuple(int(v) for v in shape)
+        if shape not in compiled:
+            compiled[shape] = predict.lower(shape).compile()
+        return compiled[shape]
+
+    predict.compile = compile_shape
     predict.out_shape = lambda shape: jax.eval_shape(
         fn, variables, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
     predict.param_bytes = int(sum(getattr(v, "nbytes", None) or np.asarray(v).nbytes
@@ -330,7 +343,8 @@ def current_rss() -> int:
 
 
 def tile_for_memory(predict_fn, shape, *, max_bytes: int, stride: int = 1, overlap: int = 32,
-                    ensemble: bool = False, reserved: int = 0, probe: int = 128) -> int | None:
+                    ensemble: bool = False, reserved: int = 0, probe: int = 128,
+                    whole_probe_pixels: int = 1 << 20) -> int | None:
     """The largest square tile (a multiple of ``stride``) whose tiled prediction of a
     ``shape`` = (B, H, W, C) input keeps the process within ``max_bytes``; ``None`` when the
     whole (padded) image fits as one tile.
@@ -340,7 +354,10 @@ def tile_for_memory(predict_fn, shape, *, max_bytes: int, stride: int = 1, overl
     for one ``probe`` x ``probe`` tile is compiled and its
     ``compiled.memory_analysis()`` (temporaries + input + output, without the variables) is
     divided by the probe's pixels, assuming activations scale with the pixel count (true of
-    convolutional and spectral-attention networks), plus 25% headroom. Host memory per tile
+    convolutional and spectral-attention networks), plus 25% headroom. An image of at most
+    ``whole_probe_pixels`` (padded) pixels is its own probe: when it fits as one tile, the
+    program compiled for the plan is the one that predicts it (``predict_fn.compile`` keeps it),
+    so it is compiled once. Host memory per tile
     pixel (input window, prediction, blend temporaries; x8 with ``ensemble``) and the blending
     band (``tile`` output rows over the padded width, and its division when emitted) are
     added. The budget is
@@ -352,9 +369,14 @@ def tile_for_memory(predict_fn, shape, *, max_bytes: int, stride: int = 1, overl
     if not hasattr(predict_fn, "lower"):
         raise ValueError("tile_for_memory needs a predict_fn from make_predict_fn")
     hp, wp = -(-h // stride) * stride, -(-w // stride) * stride
-    p_h = min(hp, max(stride, -(-probe // stride) * stride))
-    p_w = min(wp, max(stride, -(-probe // stride) * stride))
-    compiled = predict_fn.lower((b, p_h, p_w, cin)).compile()
+    if hp * wp <= whole_probe_pixels:
+        p_h, p_w = hp, wp
+    else:
+        p_h = min(hp, max(stride, -(-probe // stride) * stride))
+        p_w = min(wp, max(stride, -(-probe // stride) * stride))
+    pshape = (b, p_h, p_w, cin)
+    compiled = (predict_fn.compile(pshape) if hasattr(predict_fn, "compile")
+                else predict_fn.lower(pshape).compile())
     cout = int(predict_fn.out_shape((b, p_h, p_w, cin))[-1])
     ma = compiled.memory_analysis()
     if ma is not None:

@@ -188,10 +188,12 @@ def write_cube(cube: np.ndarray, bands: np.ndarray, out_stem: Path, fmt: str,
 
 def predict_bounded(model, variables, x: np.ndarray, out_stem: Path, fmt: str, *, workdir,
                     info: dict, max_memory: int, tile: int | None = None, overlap: int = 32,
-                    ensemble: bool = False, progress: bool = False) -> tuple[Path, tuple]:
+                    ensemble: bool = False, progress: bool = False,
+                    predict=None) -> tuple[Path, tuple]:
     """Predict one (H, W, C) input (rgb2hsi: before ``rgb_norm``) and write it as ``fmt``
     within ``max_memory`` bytes of resident memory (module docstring, "Memory"). Returns
-    (written path, output shape)."""
+    (written path, output shape). ``predict``: a :func:`jaxspec.inference.make_predict_fn` of
+    the model to reuse across images (its compiled programs are kept per shape)."""
     from jaxspec import api, inference
     from jaxspec.data import normalize_rgb
     module, normalization, stride, task = api._bundle(model, None, None)
@@ -199,7 +201,8 @@ def predict_bounded(model, variables, x: np.ndarray, out_stem: Path, fmt: str, *
     if task.input_keys[0] == "rgb":
         x = normalize_rgb(x, normalization)
     x = x[None]
-    predict = inference.make_predict_fn(module.apply, variables)
+    if predict is None:
+        predict = inference.make_predict_fn(module.apply, variables)
     h, w = x.shape[1:3]
     hp, wp = -(-h // stride) * stride, -(-w // stride) * stride
     cout = int(predict.out_shape((1, min(hp, 64 * stride), min(wp, 64 * stride), x.shape[-1]))[-1])
@@ -385,6 +388,10 @@ def _main(argv=None) -> int:
                                         workdir=a.workdir)
             images.append((Path(f), x))
     stems = unique_output_stems([p for p, _ in images])
+    predict = None
+    if model.task.name != "fusion" and not adapt:   # one jitted function for every image
+        from jaxspec import inference
+        predict = inference.make_predict_fn(model.module.apply, variables)
     for (path, x), stem in zip(images, stems):
         if model.task.name != "fusion" and not adapt:
             info = {"method": model.name, "source": str(path)}
@@ -393,7 +400,7 @@ def _main(argv=None) -> int:
             written, shape = predict_bounded(
                 model, variables, x, out / stem, a.format, workdir=a.workdir, info=info,
                 max_memory=max_memory, tile=a.tile, overlap=a.overlap, ensemble=a.ensemble,
-                progress=not a.no_progress)
+                progress=not a.no_progress, predict=predict)
             print(f"{path} -> {written} {shape}")
             continue
         if model.task.name == "fusion":

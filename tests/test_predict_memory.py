@@ -182,3 +182,36 @@ def test_bad_max_memory_is_one_line(workdir, tmp_path, capsys):
                          "--max-memory", "lots"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--max-memory" in err[0] and "bad memory size" in err[0]
+
+
+def test_planned_shape_is_compiled_once():
+    """An image small enough to be its own memory probe is compiled once: the program
+    tile_for_memory compiles is the one that then predicts it (predict_fn.compile keeps it);
+    one predict function serves several images of that shape without tracing again."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxspec import inference
+    traces = []
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            traces.append(x.shape)
+            return nn.Conv(31, (3, 3))(x)
+
+    net = Net()
+    x = np.random.default_rng(0).random((1, 40, 48, 3)).astype(np.float32)
+    variables = net.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    traces.clear()
+    fn = inference.make_predict_fn(net.apply, variables)
+    assert inference.tile_for_memory(fn, x.shape, max_bytes=1 << 30) is None
+    n = len(traces)
+    assert n >= 1
+    a = np.asarray(fn(x))
+    b = np.asarray(fn(x[:, ::-1].copy()))
+    assert len(traces) == n                  # no new trace: the planned program ran
+    np.testing.assert_allclose(a, np.asarray(net.apply(variables, jnp.asarray(x))), rtol=1e-5,
+                               atol=1e-6)
+    assert b.shape == a.shape
