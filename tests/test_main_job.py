@@ -5,7 +5,8 @@ map in any of them is not a result. The same run then reconstructs CAVE's own di
 sRGB renderings (``*_RGB.bmp`` in ``../shared/data/cave``) through ``python -m jaxspec.predict``
 with no options, and the spectra are compared with the measured reflectance cubes.
 
-Slow (about 6 minutes on 2 CPU cores plus the dataset build on a fresh machine): CI runs it.
+Slow (about 8 minutes of training on 2 CPU cores plus the dataset build on a fresh machine and
+2-3 minutes of photo reconstruction): CI runs it.
 """
 from __future__ import annotations
 
