@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxspec.errors import UsageError
+from jaxspec.errors import InputError, UsageError
 
 log = logging.getLogger("jaxspec.predict")
 
@@ -292,7 +292,8 @@ def read_model_rgb(path, spec: dict, *, grey: str = "reject", input_encoding: st
                                      to_model_encoding)
     expects = spec.get("encoding", "linear")
     srf = _run_srf(spec, workdir)
-    if input_space is None:
+    defaulted = input_space is None
+    if defaulted:
         input_space = "srgb" if (srf is not None and expects == "linear") else "camera"
     if input_space not in INPUT_SPACES:
         raise UsageError(f"input_space must be one of {INPUT_SPACES}, got {input_space!r}")
@@ -305,7 +306,14 @@ def read_model_rgb(path, spec: dict, *, grey: str = "reject", input_encoding: st
             raise UsageError("--input-space srgb: the run does not record the SRF of its "
                              "training RGB (input.json has no 'srf'; runs trained before this "
                              "was recorded, or data with camera RGB); use --input-space camera")
-        matrix = srgb_to_camera_matrix(*srf)
+        try:
+            matrix = srgb_to_camera_matrix(*srf)
+        except InputError as e:
+            if not defaulted:
+                raise
+            log.warning("%s; feeding the photo as the run's camera RGB (--input-space camera)",
+                        e)
+            input_space = "camera"
     rgb, info = read_photo(path, grey=grey)
     x = to_model_encoding(np.asarray(rgb, np.float32) / np.float32(info.max_code), info,
                           encoding=input_encoding, expects=expects,

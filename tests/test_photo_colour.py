@@ -49,6 +49,14 @@ def test_matrix_other_band_grid_and_bad_input():
     srf5 = resample(srf, WAVELENGTHS_31, wl5, axis=0)
     np.testing.assert_allclose(photos.srgb_to_camera_matrix(srf5, wl5),
                                photos.srgb_to_camera_matrix(srf), atol=2e-3)
+    # repeated / unordered wavelengths (overlapping detectors, e.g. EnMAP) are merged
+    wl_rep = np.concatenate([wl5[:40], wl5[35:]])
+    srf_rep = np.concatenate([srf5[:40], srf5[35:]])
+    perm = np.random.default_rng(0).permutation(len(wl_rep))
+    np.testing.assert_allclose(photos.srgb_to_camera_matrix(srf_rep[perm], wl_rep[perm]),
+                               photos.srgb_to_camera_matrix(srf5, wl5), atol=1e-5)
+    with pytest.raises(InputError, match="no response in 400-700"):
+        photos.srgb_to_camera_matrix(np.ones((5, 3)), np.arange(1000.0, 1050.0, 10.0))
     with pytest.raises(InputError, match="srf must be"):
         photos.srgb_to_camera_matrix(np.ones((31, 4)))
     with pytest.raises(InputError, match="wavelengths"):

@@ -186,7 +186,18 @@ def _srgb_to_camera_cached(srf_bytes: bytes, n_bands: int, wl_bytes: bytes) -> n
     wl = np.frombuffer(wl_bytes, np.float64)
     grid = np.asarray(grids.WAVELENGTHS_31, np.float64)
     if wl.shape != grid.shape or not np.allclose(wl, grid):
+        # sensors with overlapping detectors (EnMAP/HySpecNet: VNIR and SWIR share ~900-1000
+        # nm) list some wavelengths twice or out of order: sort, average repeated ones
+        order = np.argsort(wl, kind="stable")
+        wl, srf = wl[order], srf[order]
+        uw, inv = np.unique(wl, return_inverse=True)
+        if len(uw) != len(wl):
+            srf = np.stack([srf[inv == i].mean(0) for i in range(len(uw))])
+            wl = uw
         srf = np.asarray(grids.resample(srf, wl, grid, axis=0, extrapolate="zero"), np.float64)
+    if not np.all(srf.sum(0) > 0):
+        raise InputError("srgb_to_camera_matrix: the srf has a channel with no response in "
+                         "400-700 nm, where a photo's sRGB is defined")
     refl = np.asarray(spectra.reflectance_pool().spectra, np.float64)          # (N, 31)
     cmf = colour.MSDS_CMFS["CIE 1931 2 Degree Standard Observer"]
     xyz_bar = np.asarray(grids.resample(cmf.values, cmf.wavelengths, grid, axis=0), np.float64)
