@@ -262,16 +262,12 @@ def _run_srf(spec: dict, workdir) -> tuple[np.ndarray, np.ndarray] | None:
     """(srf (C, 3), band centres) the run's training RGB was rendered with, or None."""
     if "srf" not in spec:
         return None
+    from jaxspec import api
     srf = np.asarray(spec["srf"], np.float64)
-    from jaxspec.physics import grids
-    bands = None
-    if workdir is not None and (Path(workdir) / "bands.json").is_file():
-        bands = np.asarray(json.loads((Path(workdir) / "bands.json").read_text()), np.float64)
-    if bands is None or bands.shape != (srf.shape[0],):
-        if srf.shape[0] != len(grids.WAVELENGTHS_31):
-            return None
-        bands = np.asarray(grids.WAVELENGTHS_31, np.float64)
-    return srf, bands
+    recorded = workdir is not None and (Path(workdir) / "bands.json").is_file()
+    if not recorded and srf.shape[0] != 31:      # band indices are not wavelengths
+        return None
+    return srf, np.asarray(api.bands_of(None, srf.shape[0], workdir), np.float64)
 
 
 def read_model_rgb(path, spec: dict, *, grey: str = "reject", input_encoding: str | None = None,

@@ -200,9 +200,8 @@ def _srgb_to_camera_cached(srf_bytes: bytes, n_bands: int, wl_bytes: bytes) -> n
                          "400-700 nm, where a photo's sRGB is defined")
     refl = np.asarray(spectra.reflectance_pool().spectra, np.float64)          # (N, 31)
     cmf = colour.MSDS_CMFS["CIE 1931 2 Degree Standard Observer"]
-    xyz_bar = np.asarray(grids.resample(cmf.values, cmf.wavelengths, grid, axis=0), np.float64)
-    d65 = colour.SDS_ILLUMINANTS["D65"]
-    e = np.asarray(grids.resample(d65.values, d65.wavelengths, grid), np.float64)
+    xyz_bar = spectra._on_grid(cmf.wavelengths, cmf.values.T).T                 # (31, 3)
+    e = spectra._sd_values(colour.SDS_ILLUMINANTS["D65"])
     xyz = (refl * e) @ xyz_bar / float(e @ xyz_bar[:, 1])                      # Y(white) = 1
     m = np.asarray(colour.models.RGB_COLOURSPACE_sRGB.matrix_XYZ_to_RGB, np.float64)
     srgb_lin = xyz @ m.T
