@@ -115,6 +115,7 @@ def initialize(coordinator=None, num_processes=None, process_id=None, mode=None,
                                initialization_timeout=max(60, int(heartbeat_timeout) * 4),
                                shutdown_timeout_seconds=max(10, int(heartbeat_timeout)))
     _initialized = True
+    _service_barriers_for_orbax()
     log.info("jax.distributed: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(),
              jax.device_count())
@@ -129,12 +130,50 @@ def is_multiprocess() -> bool:
     return jax.process_count() > 1
 
 
-def sync(name: str) -> None:
-    """Barrier over all processes (no-op in a single-process run)."""
+_ORBAX_BARRIER_FLAG = "experimental_orbax_use_distributed_barrier"
+
+
+def _service_barriers_for_orbax() -> None:
+    """Make orbax wait at the coordination service's barriers instead of its default
+    ``sync_global_devices``, a device all-reduce compiled and run for every barrier (about
+    seven per checkpoint save). Device barriers interleave extra CPU (gloo) collectives with
+    the train step's own; under load one process running ahead then made gloo abort its
+    peer ("Received data size doesn't match expected size"). Service barriers also time out
+    instead of hanging. The switch is orbax's absl flag; programs that never parse absl
+    flags get it set directly."""
+    try:
+        from absl import flags
+        import orbax.checkpoint  # noqa: F401 - defines the flag
+    except ImportError:   # pragma: no cover - orbax is a dependency
+        return
+    if _ORBAX_BARRIER_FLAG not in flags.FLAGS:   # pragma: no cover - flag renamed/removed
+        log.debug("orbax has no --%s flag; its barriers stay device barriers",
+                  _ORBAX_BARRIER_FLAG)
+        return
+    entry = flags.FLAGS[_ORBAX_BARRIER_FLAG]
+    entry.value = True
+    entry.present = 1     # readable although absl's flags were never parsed
+
+
+_BARRIER_TIMEOUT_S = 3600
+_barrier_counts: dict[str, int] = {}
+
+
+def sync(name: str, timeout_s: int = _BARRIER_TIMEOUT_S) -> None:
+    """Barrier over all processes (no-op in a single-process run), held by the coordination
+    service (no device collective; a barrier name may be reused: each use gets its own id)."""
     import jax
-    if jax.process_count() > 1:
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jd
+    client = jd.global_state.client
+    n = _barrier_counts.get(name, 0)
+    _barrier_counts[name] = n + 1
+    if client is None:   # pragma: no cover - multi-process without jax.distributed
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"jaxspec/{name}/{n}", int(timeout_s * 1000))
 
 
 class StopAgreement:
