@@ -50,6 +50,10 @@ class Method:
     # ``{"param_labels": fn(params) -> label tree, "losses": {label: loss_fn},
     # "groups": {label: {"lr": ...} | None}}`` (None = frozen group).
     step_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # What has to run before this method trains: fn(config, workdir, **train_kwargs) -> the
+    # config to train (e.g. MCGA stage 2 trains its stage 1 first when no ``init_from`` names
+    # one). Called by ``train_and_evaluate`` when it reads the config's own dataset.
+    before_training: Callable[..., Config] | None = None
 
     def config(self, preset: str = "cpu", **overrides) -> Config:
         if preset not in self.presets:

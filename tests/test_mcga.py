@@ -202,3 +202,40 @@ def test_full_attention_flag_and_paper_param_count():
     out, aux = jax.jit(full.apply)(v, x)
     assert out.shape == (1, 8, 8, 8) and np.all(np.isfinite(out))
     assert "code_proj" not in str(jax.tree_util.tree_structure(v["params"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from jaxspec import data
+    d = tmp_path_factory.mktemp("tfds_mcga")
+    data.builder("spectral_scenes/tiny", data_dir=d)
+    return d
+
+
+def test_train_py_mcga_trains_stage1_first_then_reuses_it(tiny_data, tmp_path):
+    """``train.py --method mcga`` with no ``init_from``: stage 1 runs in <workdir>/stage1 (the
+    stage-2 options it shares, here the width, follow), stage 2 freezes its codebooks and
+    decoder; a second call reuses the finished stage 1."""
+    import jaxspec
+    from jaxspec import cli
+    w = tmp_path / "mcga"
+    args = ["--method", "mcga", "--preset", "smoke", "--dataset", "spectral_scenes/tiny",
+            "--data-dir", str(tiny_data), "--workdir", str(w), "--no-progress",
+            "--set", "model.width=8", "--set", "model.ganet_width=8", "--set", "eval_every=0"]
+    assert cli.main(args) == 0
+    s1 = json.loads((w / "stage1" / "config.json").read_text())
+    s2 = json.loads((w / "config.json").read_text())
+    assert s1["method"] == "mcga_vq" and s1["model"]["width"] == 8
+    assert s1["dataset_config"] == "tiny" and s1["data_dir"] == str(tiny_data)
+    assert {i["workdir"] for i in s2["init_from"]} == {str(w / "stage1")}
+    _, v1 = jaxspec.load(w / "stage1")
+    _, v2 = jaxspec.load(w, which="latest")
+    for sub in ("moc", "decoder"):
+        a, b = _leaves(v1["params"][sub]), _leaves(v2["params"][sub])
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{sub}/{k}")
+    stamp = (w / "stage1" / "metrics.jsonl").stat().st_mtime_ns
+    assert cli.main(args + ["--steps", "3"]) == 0                           # resumes stage 2
+    assert (w / "stage1" / "metrics.jsonl").stat().st_mtime_ns == stamp   # not retrained
+    lines = (w / "metrics.jsonl").read_text().splitlines()
+    assert max(json.loads(line).get("step", 0) for line in lines) == 3

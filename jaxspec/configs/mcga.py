@@ -13,7 +13,12 @@ a stage-1 (or mixture-of-codebooks) workdir.
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from jaxspec.configs.base import CPU_BUILTIN, PAPER_ARAD1K, SMOKE, Config, make_preset
+
+log = logging.getLogger("jaxspec.mcga")
 
 BETA = 0.25
 SCALES = 2
@@ -68,3 +73,38 @@ def stage2(config: Config, stage1_workdir: str, which: str = "best") -> Config:
     return config.replace(init_from=tuple(
         {"workdir": str(stage1_workdir), "subtree": sub, "target": sub, "which": which}
         for sub in ("moc", "decoder")))
+
+
+STAGE1_DIR = "stage1"
+# what stage 1 takes from the stage-2 config: the data and the seed (the model keys the two
+# stages share are copied too, so the frozen decoder fits)
+_SHARED_FIELDS = ("dataset", "dataset_config", "data_dir", "manual_dir", "seed")
+
+
+def stage1_config(config: Config) -> Config:
+    """The stage-1 (``mcga_vq``) config that goes with the stage-2 ``config``: the same preset
+    (its own step budget), data, seed and shared model options."""
+    from jaxspec import registry
+    vq = registry.get("mcga_vq")
+    cfg1 = vq.config(config.preset if config.preset in vq.presets else "cpu")
+    model = dict(cfg1.model)
+    model.update({k: v for k, v in config.model.items() if k in model and k != "random_mask"})
+    return cfg1.replace(model=model, **{f: getattr(config, f) for f in _SHARED_FIELDS})
+
+
+def train_stage1_first(config: Config, workdir: Path, **train_kwargs) -> Config:
+    """``python train.py --method mcga`` without ``init_from``: train stage 1 in
+    ``<workdir>/stage1`` first (or reuse it when it has finished: it has its ``eval.json``),
+    then train stage 2 on its codebooks and decoder. A config that names a stage-1 (or
+    mixture) run in ``init_from`` is returned unchanged."""
+    if config.init_from:
+        return config
+    from jaxspec.train import loop
+    wd1 = Path(workdir) / STAGE1_DIR
+    if not (wd1 / "eval.json").is_file():
+        log.info("MCGA stage 2 needs stage 1 (the codebooks and decoder it freezes): training "
+                 "mcga_vq in %s first", wd1)
+        loop.train_and_evaluate(stage1_config(config), wd1, **train_kwargs)
+    else:
+        log.info("MCGA: using the finished stage-1 run in %s", wd1)
+    return stage2(config, str(wd1))

@@ -531,6 +531,11 @@ def _vq_presets():
     return {"paper": cfg.vq_paper, "cpu": cfg.vq_cpu, "smoke": cfg.vq_smoke}
 
 
+def _stage1_first(config, workdir, **kw):
+    from jaxspec.configs import mcga as cfg
+    return cfg.train_stage1_first(config, workdir, **kw)
+
+
 def _register():
     from jaxspec.train import steps
     steps.register_step_kind("mcga")(mcga_step)
@@ -544,6 +549,7 @@ def _register():
         name="mcga", task="rgb2hsi", step_kind="mcga", stride=8, adapt_loss=tta_entropy,
         make_model=registry.module_factory(MCGA, "mcga"),
         presets=registry.standard_presets("jaxspec.configs.mcga"),
+        before_training=_stage1_first,
         description="MCGA stage 2: grayscale-aware U-Net on a frozen mixture of codebooks",
         reference="Zhou et al., MCGA, arXiv 2507.09885", paper_params_m=0.76))
 

@@ -702,6 +702,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
     Summary keys: ``step``, ``start_step``, ``preempted``, ``final_loss``, ``best_step``,
     ``eval`` (mean validation metrics of the best checkpoint), ``params``.
     """
+    hook = registry.get(config.method).before_training
+    if hook is not None and train_source is None and eval_source is None:
+        config = hook(config, Path(workdir), resume=resume, progress=progress, devices=devices)
     run = prepare(config, workdir, train_source=train_source, eval_source=eval_source,
                   devices=devices)
     with WorkdirLock(run.workdir, enabled=run.main):
