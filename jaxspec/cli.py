@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="global batch size")
     p.add_argument("--crop", type=int, default=None, help="training crop size")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--init-from", default=None, metavar="WORKDIR",
+                   help="start from the weights of another run (fine-tuning; for MCGA stage 2: "
+                        "a stage-1 or mixture-of-codebooks run)")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue from the latest checkpoint in the workdir (default)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
@@ -62,6 +65,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         v = getattr(args, flag)
         if v is not None:
             updates[field] = v
+    if args.init_from is not None:
+        from pathlib import Path
+
+        from jaxspec.errors import InputNotFoundError
+        if not (Path(args.init_from) / "config.json").is_file():
+            raise InputNotFoundError(f"--init-from {args.init_from}: not a jaxspec workdir "
+                                     f"(no config.json)")
+        updates["init_from"] = ({"workdir": str(Path(args.init_from).absolute())},)
     cfg = cfg.replace(**updates) if updates else cfg
     return apply_overrides(cfg, args.overrides)
 

@@ -78,6 +78,17 @@ def test_cli_errors_and_print_config(capsys):
     assert out["steps"] == 5 and out["method"] == "mstpp"
 
 
+def test_init_from_flag(tmp_path, capsys):
+    """``--init-from WORKDIR``: one whole-tree ``init_from`` entry; a directory that is not a
+    workdir is refused before anything runs (usage error, exit 2, naming it)."""
+    assert cli.main(["--method", "mstpp", "--preset", "smoke", "--init-from",
+                     str(tmp_path / "nope"), "--print-config"]) == 2
+    assert "--init-from" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    a = cli.build_parser().parse_args(["--method", "mstpp", "--init-from", str(tmp_path)])
+    assert cli.config_from_args(a).init_from == ({"workdir": str(tmp_path.absolute())},)
+
+
 def test_train_resume_evaluate_predict(cli_tiny, tiny_data, tmp_path, capsys):
     w = tmp_path / "run"
     args = ["--method", cli_tiny, "--preset", "smoke", "--dataset", "spectral_scenes/tiny",

@@ -239,3 +239,45 @@ def test_train_py_mcga_trains_stage1_first_then_reuses_it(tiny_data, tmp_path):
     assert (w / "stage1" / "metrics.jsonl").stat().st_mtime_ns == stamp   # not retrained
     lines = (w / "metrics.jsonl").read_text().splitlines()
     assert max(json.loads(line).get("step", 0) for line in lines) == 3
+
+
+def test_mixture_of_codebooks_command_and_stage2_on_it(stage1, tmp_path, capsys):
+    """``python -m jaxspec.moc`` concatenates the codebooks of stage-1 runs (512 N codes per
+    scale), keeps the first run's encoder/decoder, refuses runs that do not mix; stage 2
+    trains on the mixture (``init_from`` via ``stage2``, num_codes read from the mixture)."""
+    import jaxspec
+    from jaxspec import moc
+    second = tmp_path / "vq2"
+    cfg = registry.get("mcga_vq").config("smoke")
+    cfg = cfg.replace(model={**cfg.model, **SMALL}, seed=7, **FAST)
+    train_and_evaluate(cfg, second, train_source=_sources(3, 3), eval_source=_sources(2, 4),
+                       **DATA)
+    out = tmp_path / "moc"
+    assert moc.main(["--workdir", str(out), str(stage1), str(second)]) == 0
+    assert "--init-from" in capsys.readouterr().out
+    mcfg, mv = jaxspec.load(out)
+    _, a = jaxspec.load(stage1)
+    _, b = jaxspec.load(second)
+    assert mcfg.config.model["num_codes"] == 2 * cfg.model["num_codes"]
+    for k, q in mv["params"]["moc"].items():
+        np.testing.assert_array_equal(q["codebook"], np.concatenate(
+            [a["params"]["moc"][k]["codebook"], b["params"]["moc"][k]["codebook"]]))
+    for k, v in _leaves(a["params"]["decoder"]).items():
+        np.testing.assert_array_equal(_leaves(mv["params"]["decoder"])[k], v)
+    assert json.loads((out / "mixture.json").read_text())["codes_per_run"] == [512, 512]
+
+    assert moc.main(["--workdir", str(tmp_path / "x"), str(stage1)]) == 2        # one run
+    assert moc.main(["--workdir", str(out), str(stage1), str(second)]) == 2      # exists
+    assert moc.main(["--workdir", str(tmp_path / "y"), str(stage1), str(tmp_path)]) != 0
+    assert "no config.json" in capsys.readouterr().err
+
+    s2 = registry.get("mcga").config("smoke")
+    s2 = s2.replace(model={**s2.model, **SMALL, "ganet_width": 8}, **FAST)
+    s2 = mcga_cfg.train_stage1_first(s2.replace(init_from=({"workdir": str(out)},)), tmp_path)
+    assert s2.model["num_codes"] == 1024 and {i["subtree"] for i in s2.init_from} == {
+        "moc", "decoder"}
+    wd = tmp_path / "s2moc"
+    train_and_evaluate(s2, wd, train_source=_sources(3, 0), eval_source=_sources(2, 1), **DATA)
+    _, v2 = jaxspec.load(wd, which="latest")
+    for k, q in v2["params"]["moc"].items():
+        np.testing.assert_array_equal(q["codebook"], mv["params"]["moc"][k]["codebook"])

@@ -292,3 +292,13 @@ def test_sigterm_of_one_process_stops_all_at_one_step(env):
     s = _run(env, w, 2, 2, "--steps", str(saved[0] + 2), "--set", "ckpt_every=100",
              "--set", "lr=1e-4")
     assert s["start_step"] == saved[0] and s["step"] == saved[0] + 2
+
+
+def test_orbax_barriers_go_through_the_coordination_service():
+    """Multi-process runs make orbax use the coordination service's barriers (its absl flag,
+    set without parsing absl flags) instead of a device all-reduce per barrier."""
+    from orbax.checkpoint._src.multihost import multihost as ocp_multihost
+
+    from jaxspec import distributed
+    distributed._service_barriers_for_orbax()
+    assert ocp_multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.value is True

@@ -69,8 +69,16 @@ def smoke() -> Config:
 
 def stage2(config: Config, stage1_workdir: str, which: str = "best") -> Config:
     """``config`` with ``init_from`` copying the codebooks (``moc``) and the Alg. 2 decoder
-    (``decoder``) from the stage-1 (or mixture) run in ``stage1_workdir``."""
-    return config.replace(init_from=tuple(
+    (``decoder``) from the stage-1 (or mixture) run in ``stage1_workdir``; the model options
+    the two stages share (``num_codes``: 512 N for a mixture of N, ``width``, ``scales``) are
+    taken from that run's ``config.json`` so the frozen parts fit."""
+    model = dict(config.model)
+    saved = Path(stage1_workdir) / "config.json"
+    if saved.is_file():
+        import json
+        s1 = json.loads(saved.read_text()).get("model", {})
+        model.update({k: s1[k] for k in ("num_codes", "width", "scales") if k in s1})
+    return config.replace(model=model, init_from=tuple(
         {"workdir": str(stage1_workdir), "subtree": sub, "target": sub, "which": which}
         for sub in ("moc", "decoder")))
 
@@ -95,9 +103,17 @@ def stage1_config(config: Config) -> Config:
 def train_stage1_first(config: Config, workdir: Path, **train_kwargs) -> Config:
     """``python train.py --method mcga`` without ``init_from``: train stage 1 in
     ``<workdir>/stage1`` first (or reuse it when it has finished: it has its ``eval.json``),
-    then train stage 2 on its codebooks and decoder. A config that names a stage-1 (or
-    mixture) run in ``init_from`` is returned unchanged."""
+    then train stage 2 on its codebooks and decoder. ``--init-from RUN`` (one whole-tree entry)
+    naming a stage-1 or mixture run (``python -m jaxspec.moc``) uses that run's; any other
+    ``init_from`` is returned unchanged."""
     if config.init_from:
+        if len(config.init_from) == 1 and set(config.init_from[0]) <= {"workdir", "which"}:
+            spec = config.init_from[0]
+            saved = Path(spec["workdir"]) / "config.json"
+            if saved.is_file():
+                import json
+                if json.loads(saved.read_text()).get("method") == "mcga_vq":
+                    return stage2(config, spec["workdir"], spec.get("which", "best"))
         return config
     from jaxspec.train import loop
     wd1 = Path(workdir) / STAGE1_DIR
