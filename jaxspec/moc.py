@@ -50,7 +50,7 @@ def build_mixture(workdirs: Sequence[str | Path], which: str = "best"):
         cfgs.append(cfg)
         params.append(v["params"])
     first, books = cfgs[0], [_codebooks(p) for p in params]
-    for key in ("scales", "width"):
+    for key in ("scales", "width", "interface_width"):
         vals = {str(c.model.get(key)) for c in cfgs}
         if len(vals) > 1:
             raise UsageError(f"stage-1 runs differ in model.{key} ({sorted(vals)}); the "
@@ -62,7 +62,8 @@ def build_mixture(workdirs: Sequence[str | Path], which: str = "best"):
                 raise UsageError(f"{wd}: codebook {k} has code dimension {got}, {workdirs[0]} "
                                  f"has {cb.shape[1]} (only runs with the same C^m mix)")
     mixed = {k: np.concatenate([b[k] for b in books], axis=0) for k in books[0]}
-    out = {**params[0], "moc": {k: {"codebook": mixed[k]} for k in mixed}}
+    moc0 = dict(params[0]["moc"])          # the first run's projections (interface_width > 0)
+    out = {**params[0], "moc": {**moc0, **{k: {**moc0[k], "codebook": mixed[k]} for k in mixed}}}
     num_codes = int(next(iter(mixed.values())).shape[0])
     cfg = first.replace(model={**first.model, "num_codes": num_codes})
     meta = {"mixture_of": [str(Path(w).absolute()) for w in workdirs],

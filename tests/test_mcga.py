@@ -281,3 +281,24 @@ def test_mixture_of_codebooks_command_and_stage2_on_it(stage1, tmp_path, capsys)
     _, v2 = jaxspec.load(wd, which="latest")
     for k, q in v2["params"]["moc"].items():
         np.testing.assert_array_equal(q["codebook"], mv["params"]["moc"][k]["codebook"])
+
+
+def test_interface_width_option():
+    """``interface_width``: H_i^d has that many channels and the 1x1 projection to the code
+    dim lives in ``moc`` (frozen and copied with the codebooks by stage 2)."""
+    vq = mcga.MCGAVQ(in_channels=8, out_channels=8, width=8, interface_width=6)
+    x = jnp.ones((1, 8, 8, 8)) * 0.3
+    v = vq.init({"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1)}, x)
+    moc = v["params"]["moc"]
+    dims = mcga.code_dims(8, 2)
+    assert [moc[f"proj_{i}"]["kernel"].shape for i in (0, 1)] == [(6, d) for d in dims]
+    assert v["params"]["encoder"]["down0_proj"]["kernel"].shape[-1] == 6
+    out, _ = vq.apply(v, x)
+    assert out.shape == x.shape and np.all(np.isfinite(out))
+    net = mcga.MCGA(out_channels=8, width=8, ganet_width=4, interface_width=6, top_k=4)
+    rgb = jax.random.uniform(jax.random.PRNGKey(2), (1, 8, 8, 3))
+    v2 = net.init(jax.random.PRNGKey(0), rgb)
+    assert jax.tree.map(np.shape, v2["params"]["moc"]) == jax.tree.map(np.shape, moc)
+    assert v2["params"]["ganet"]["out0"]["kernel"].shape[-1] == 6
+    out, _ = net.apply(v2, rgb)
+    assert out.shape == (1, 8, 8, 8) and np.all(np.isfinite(out))

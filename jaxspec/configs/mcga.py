@@ -70,14 +70,16 @@ def smoke() -> Config:
 def stage2(config: Config, stage1_workdir: str, which: str = "best") -> Config:
     """``config`` with ``init_from`` copying the codebooks (``moc``) and the Alg. 2 decoder
     (``decoder``) from the stage-1 (or mixture) run in ``stage1_workdir``; the model options
-    the two stages share (``num_codes``: 512 N for a mixture of N, ``width``, ``scales``) are
+    the two stages share (``num_codes``: 512 N for a mixture of N, ``width``, ``scales``,
+    ``interface_width``) are
     taken from that run's ``config.json`` so the frozen parts fit."""
     model = dict(config.model)
     saved = Path(stage1_workdir) / "config.json"
     if saved.is_file():
         import json
         s1 = json.loads(saved.read_text()).get("model", {})
-        model.update({k: s1[k] for k in ("num_codes", "width", "scales") if k in s1})
+        model.update({k: s1[k] for k in ("num_codes", "width", "scales", "interface_width")
+                      if k in s1})
     return config.replace(model=model, init_from=tuple(
         {"workdir": str(stage1_workdir), "subtree": sub, "target": sub, "which": which}
         for sub in ("moc", "decoder")))

@@ -124,14 +124,27 @@ class MoC(nn.Module):
     """The (mixture of) codebooks, one :class:`VectorQuantizer` per scale: ``moc(i, z)``.
 
     A mixture of N stage-1 runs is the same module with ``num_codes = 512 N`` (their codebooks
-    concatenated along the code axis)."""
+    concatenated along the code axis). ``interface_width > 0``: the features ``H_i^d`` have that
+    many channels and a 1x1 projection per scale (``proj_i``, part of the codebooks: frozen
+    with them) maps them to the code dim before the nearest-codeword search (methods.md 3,
+    "1x1 projections to/from the code dims around every Quantize"); 0: ``H_i^d`` are the
+    code-dim vectors themselves."""
     dims: tuple[int, ...]
     num_codes: int = NUM_CODES
+    interface_width: int = 0
 
     def setup(self):
         self.quantizers = [VectorQuantizer(self.num_codes, d) for d in self.dims]
+        if self.interface_width:
+            self.projs = [nn.Dense(d, name=f"proj_{i}") for i, d in enumerate(self.dims)]
+
+    def feature_dim(self, i: int) -> int:
+        """Channels of ``H_i^d``: ``interface_width`` or the code dim of scale ``i``."""
+        return self.interface_width or self.dims[i]
 
     def __call__(self, i: int, z):
+        if self.interface_width:
+            z = self.projs[i](z)
         return self.quantizers[i](z)
 
     def codebook(self, i: int):
@@ -171,7 +184,7 @@ class MSQuantization(nn.Module):
                            name=f"down{i}_conv{j}")(x if j == 0 else gelu(x))
             for j in range(2):
                 x = ResBlock(self.width, name=f"down{i}_res{j}")(x)
-            hd = Conv2d(d, (1, 1), use_bias=True, name=f"down{i}_proj")(gelu(x))
+            hd = Conv2d(moc.feature_dim(i), (1, 1), use_bias=True, name=f"down{i}_proj")(gelu(x))
             hq, info = moc(i, hd)
             feats.append(hd)
             infos.append(info)
@@ -238,10 +251,11 @@ class MCGAVQ(nn.Module):
     num_codes: int = NUM_CODES
     width: int = 32
     random_mask: bool = True      # random band subset per image at train time (Alg. 1 Mask)
+    interface_width: int = 0      # channels of H_i^d (0: the code dims; see MoC)
 
     def setup(self):
         self.dims = code_dims(self.in_channels, self.scales)
-        self.moc = MoC(self.dims, self.num_codes)
+        self.moc = MoC(self.dims, self.num_codes, self.interface_width)
         self.encoder = MSQuantization(self.dims, self.width)
         self.decoder = MSReconstruction(self.out_channels, self.width)
 
@@ -435,13 +449,14 @@ class GANet(nn.Module):
                 y = ConvTranspose2d(widths[i], name=f"up{i}")(y)
                 y = Conv2d(widths[i], (1, 1), name=f"skip{i}")(jnp.concatenate([y, skips[i]], -1))
             if self.use_moc:
-                hq, _ = moc(i, Conv2d(self.dims[i], (1, 1), use_bias=True, name=f"query{i}")(y))
+                hq, _ = moc(i, Conv2d(moc.feature_dim(i), (1, 1), use_bias=True,
+                                      name=f"query{i}")(y))
                 y = Conv2d(widths[i], (1, 1), use_bias=True, name=f"fuse{i}")(
                     jnp.concatenate([y, hq], -1))
             for j in range(self.dec_blocks):
                 y = GABlock(self.dims[i], self.num_codes, self.top_k, self.full_attention,
                             name=f"dec{i}_block{j}")(y, moc.codebook(i))
-            out[i] = Conv2d(self.dims[i], (1, 1), use_bias=True, name=f"out{i}")(y)
+            out[i] = Conv2d(moc.feature_dim(i), (1, 1), use_bias=True, name=f"out{i}")(y)
         return out
 
 
@@ -460,10 +475,11 @@ class MCGA(nn.Module):
     top_k: int = 256
     full_attention: bool = False
     use_moc: bool = True
+    interface_width: int = 0      # channels of H_i^d (must match the stage-1 run; see MoC)
 
     def setup(self):
         self.dims = code_dims(self.out_channels, self.scales)
-        self.moc = MoC(self.dims, self.num_codes)
+        self.moc = MoC(self.dims, self.num_codes, self.interface_width)
         self.ganet = GANet(self.dims, self.num_codes, self.ganet_width, self.enc_blocks,
                            self.dec_blocks, self.top_k, self.full_attention, self.use_moc)
         self.decoder = MSReconstruction(self.out_channels, self.width)
