@@ -81,10 +81,14 @@ def main(argv=None) -> int:
     _cli.positive("--adapt-steps", args.adapt_steps, minimum=0)
     _cli.output_dir(wd, "--workdir")
     cfg1 = apply_overrides(registry.get("mcga_vq").config(args.preset), args.set)
-    train_and_evaluate(cfg1, wd / "stage1")
+    if train_and_evaluate(cfg1, wd / "stage1").get("preempted"):
+        print("interrupted in stage 1; run the same command again to resume", file=sys.stderr)
+        return 143
     cfg2 = apply_overrides(registry.get("mcga").config(args.preset), args.set)
     cfg2 = mcga_cfg.stage2(cfg2, wd / "stage1").replace(adapt_steps=args.adapt_steps)
-    train_and_evaluate(cfg2, wd / "stage2")
+    if train_and_evaluate(cfg2, wd / "stage2").get("preempted"):
+        print("interrupted in stage 2; run the same command again to resume", file=sys.stderr)
+        return 143
 
     import jaxspec
     ev1 = json.loads((wd / "stage1" / "eval.json").read_text())["mean"]

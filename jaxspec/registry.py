@@ -52,7 +52,8 @@ class Method:
     step_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # What has to run before this method trains: fn(config, workdir, **train_kwargs) -> the
     # config to train (e.g. MCGA stage 2 trains its stage 1 first when no ``init_from`` names
-    # one). Called by ``train_and_evaluate`` when it reads the config's own dataset.
+    # one), or the summary dict of its own run when that was interrupted (returned as is).
+    # Called by ``train_and_evaluate`` when it reads the config's own dataset.
     before_training: Callable[..., Config] | None = None
 
     def config(self, preset: str = "cpu", **overrides) -> Config:

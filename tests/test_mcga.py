@@ -302,3 +302,20 @@ def test_interface_width_option():
     assert v2["params"]["ganet"]["out0"]["kernel"].shape[-1] == 6
     out, _ = net.apply(v2, rgb)
     assert out.shape == (1, 8, 8, 8) and np.all(np.isfinite(out))
+
+
+def test_interrupted_stage1_stops_before_stage2(monkeypatch, tmp_path):
+    """A signal during the stage 1 that ``--method mcga`` trains first: its summary (preempted)
+    comes back and stage 2 does not start (the same command resumes stage 1)."""
+    from jaxspec.train import loop
+    real = loop.train_and_evaluate
+
+    def fake(cfg, wd, **kw):
+        if cfg.method == "mcga_vq":
+            return {"preempted": True, "step": 3}
+        return real(cfg, wd, **kw)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", fake)
+    out = real(registry.get("mcga").config("smoke"), tmp_path / "m", progress=False)
+    assert out == {"preempted": True, "step": 3}
+    assert not (tmp_path / "m" / "config.json").exists()

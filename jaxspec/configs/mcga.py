@@ -102,12 +102,13 @@ def stage1_config(config: Config) -> Config:
     return cfg1.replace(model=model, **{f: getattr(config, f) for f in _SHARED_FIELDS})
 
 
-def train_stage1_first(config: Config, workdir: Path, **train_kwargs) -> Config:
+def train_stage1_first(config: Config, workdir: Path, **train_kwargs) -> Config | dict:
     """``python train.py --method mcga`` without ``init_from``: train stage 1 in
     ``<workdir>/stage1`` first (or reuse it when it has finished: it has its ``eval.json``),
     then train stage 2 on its codebooks and decoder. ``--init-from RUN`` (one whole-tree entry)
     naming a stage-1 or mixture run (``python -m jaxspec.moc``) uses that run's; any other
-    ``init_from`` is returned unchanged."""
+    ``init_from`` is returned unchanged. A stage 1 stopped by a signal returns its summary
+    (stage 2 does not start; the same command resumes stage 1)."""
     if config.init_from:
         if len(config.init_from) == 1 and set(config.init_from[0]) <= {"workdir", "which"}:
             spec = config.init_from[0]
@@ -122,7 +123,9 @@ def train_stage1_first(config: Config, workdir: Path, **train_kwargs) -> Config:
     if not (wd1 / "eval.json").is_file():
         log.info("MCGA stage 2 needs stage 1 (the codebooks and decoder it freezes): training "
                  "mcga_vq in %s first", wd1)
-        loop.train_and_evaluate(stage1_config(config), wd1, **train_kwargs)
+        summary = loop.train_and_evaluate(stage1_config(config), wd1, **train_kwargs)
+        if summary.get("preempted"):     # SIGTERM/SIGINT: saved; the same command resumes it
+            return summary
     else:
         log.info("MCGA: using the finished stage-1 run in %s", wd1)
     return stage2(config, str(wd1))

@@ -704,7 +704,10 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
     """
     hook = registry.get(config.method).before_training
     if hook is not None and train_source is None and eval_source is None:
-        config = hook(config, Path(workdir), resume=resume, progress=progress, devices=devices)
+        config = hook(config, Path(workdir), resume=resume, progress=progress, devices=devices,
+                      handle_sigint=handle_sigint)
+        if isinstance(config, dict):   # the hook's own run was interrupted: its summary
+            return config
     run = prepare(config, workdir, train_source=train_source, eval_source=eval_source,
                   devices=devices)
     with WorkdirLock(run.workdir, enabled=run.main):
