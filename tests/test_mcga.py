@@ -212,6 +212,7 @@ def tiny_data(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow   # ~50 s of training: in the slow leg (run once, not once per Python)
 def test_train_py_mcga_trains_stage1_first_then_reuses_it(tiny_data, tmp_path):
     """``train.py --method mcga`` with no ``init_from``: stage 1 runs in <workdir>/stage1 (the
     stage-2 options it shares, here the width, follow), stage 2 freezes its codebooks and
@@ -283,6 +284,7 @@ def test_mixture_of_codebooks_command_and_stage2_on_it(stage1, tmp_path, capsys)
         np.testing.assert_array_equal(q["codebook"], mv["params"]["moc"][k]["codebook"])
 
 
+@pytest.mark.slow
 def test_interface_width_option():
     """``interface_width``: H_i^d has that many channels and the 1x1 projection to the code
     dim lives in ``moc`` (frozen and copied with the codebooks by stage 2)."""
