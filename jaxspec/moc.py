@@ -15,7 +15,6 @@ run trained on the data stage 2 targets first. Runs mix only when their code dim
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -50,7 +49,8 @@ def build_mixture(workdirs: Sequence[str | Path], which: str = "best"):
         cfgs.append(cfg)
         params.append(v["params"])
     first, books = cfgs[0], [_codebooks(p) for p in params]
-    for key in ("scales", "width", "interface_width"):
+    from jaxspec.configs.mcga import SHARED_MODEL_KEYS
+    for key in (k for k in SHARED_MODEL_KEYS if k != "num_codes"):   # num_codes: summed
         vals = {str(c.model.get(key)) for c in cfgs}
         if len(vals) > 1:
             raise UsageError(f"stage-1 runs differ in model.{key} ({sorted(vals)}); the "
@@ -74,7 +74,8 @@ def build_mixture(workdirs: Sequence[str | Path], which: str = "best"):
 
 
 def write_mixture(workdir: str | Path, workdirs: Sequence[str | Path], which: str = "best"
-                  ) -> Path:
+                  ) -> tuple[Path, dict]:
+    """Write the mixture as a new workdir; returns ``(workdir, meta)``."""
     from jaxspec.convert import write_workdir
     from jaxspec.fs import write_json_atomic
     cfg, variables, meta = build_mixture(workdirs, which)
@@ -84,7 +85,7 @@ def write_mixture(workdir: str | Path, workdirs: Sequence[str | Path], which: st
         src = Path(workdirs[0]) / name
         if src.is_file():
             shutil.copyfile(src, wd / name)
-    return wd
+    return wd, meta
 
 
 def main(argv=None) -> int:
@@ -111,8 +112,7 @@ def _main(argv=None) -> int:
     if checkpointing.has_checkpoint(out):
         raise UsageError(f"{out} already holds checkpoints; choose a new --workdir")
     check_output_writable(out, what="--workdir")
-    wd = write_mixture(out, a.runs, a.which)
-    meta = json.loads((wd / "mixture.json").read_text())
+    wd, meta = write_mixture(out, a.runs, a.which)
     print(f"mixture of {len(a.runs)} codebooks ({' + '.join(map(str, meta['codes_per_run']))} "
           f"codes per scale) -> {wd}\n  next: python train.py --method mcga --init-from {wd}")
     return 0

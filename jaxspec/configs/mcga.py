@@ -37,6 +37,8 @@ STAGE2 = dict(loss="charbonnier", frozen=("^moc/", "^decoder/"), adapt_params=("
 # (docs/methods/mcga.md, "Measured").
 CPU_SCHEDULE = dict(crop=32, batch_size=8, steps=3000, lr=2e-3, warmup_steps=150,
                     eval_every=1000, ckpt_every=1000)
+# model options stage 2 must share with the stage-1 (or mixture) run whose parts it freezes
+SHARED_MODEL_KEYS = ("num_codes", "width", "scales", "interface_width")
 PAPER = dict(PAPER_ARAD1K, optimizer="adamw", lr=4e-4, weight_decay=1e-2, crop=128,
              batch_size=16, rgb_norm="minmax")
 
@@ -72,16 +74,13 @@ def smoke() -> Config:
 def stage2(config: Config, stage1_workdir: str, which: str = "best") -> Config:
     """``config`` with ``init_from`` copying the codebooks (``moc``) and the Alg. 2 decoder
     (``decoder``) from the stage-1 (or mixture) run in ``stage1_workdir``; the model options
-    the two stages share (``num_codes``: 512 N for a mixture of N, ``width``, ``scales``,
-    ``interface_width``) are
-    taken from that run's ``config.json`` so the frozen parts fit."""
+    the two stages share (:data:`SHARED_MODEL_KEYS`; ``num_codes`` is 512 N for a mixture of
+    N) are taken from that run's ``config.json`` so the frozen parts fit."""
+    from jaxspec.api import load_config
     model = dict(config.model)
-    saved = Path(stage1_workdir) / "config.json"
-    if saved.is_file():
-        import json
-        s1 = json.loads(saved.read_text()).get("model", {})
-        model.update({k: s1[k] for k in ("num_codes", "width", "scales", "interface_width")
-                      if k in s1})
+    if (Path(stage1_workdir) / "config.json").is_file():
+        s1 = load_config(stage1_workdir).model
+        model.update({k: s1[k] for k in SHARED_MODEL_KEYS if k in s1})
     return config.replace(model=model, init_from=tuple(
         {"workdir": str(stage1_workdir), "subtree": sub, "target": sub, "which": which}
         for sub in ("moc", "decoder")))
@@ -111,14 +110,13 @@ def train_stage1_first(config: Config, workdir: Path, **train_kwargs) -> Config 
     naming a stage-1 or mixture run (``python -m jaxspec.moc``) uses that run's; any other
     ``init_from`` is returned unchanged. A stage 1 stopped by a signal returns its summary
     (stage 2 does not start; the same command resumes stage 1)."""
+    from jaxspec.api import load_config
     if config.init_from:
         if len(config.init_from) == 1 and set(config.init_from[0]) <= {"workdir", "which"}:
             spec = config.init_from[0]
-            saved = Path(spec["workdir"]) / "config.json"
-            if saved.is_file():
-                import json
-                if json.loads(saved.read_text()).get("method") == "mcga_vq":
-                    return stage2(config, spec["workdir"], spec.get("which", "best"))
+            if ((Path(spec["workdir"]) / "config.json").is_file()
+                    and load_config(spec["workdir"]).method == "mcga_vq"):
+                return stage2(config, spec["workdir"], spec.get("which", "best"))
         return config
     from jaxspec.train import loop
     wd1 = Path(workdir) / STAGE1_DIR
