@@ -4,6 +4,7 @@
     python bench/ussr.py                          # baselines only (seconds)
     python bench/ussr.py --train-steps 300        # + unpaired USSR training on spectral_scenes
     python bench/ussr.py --workdir runs/ussr      # + a run trained by train.py --method ussr
+    python bench/ussr.py --stability [--workdir W]  # ||J_ij|| of G (docs/lipschitz.md)
 
 Data:
 
@@ -143,6 +144,61 @@ def train_ussr(args, dictionary, rgb_stream, hsi_stream, log):
     return model, variables, apply
 
 
+def stability(size: int = 10, seed: int = 0, workdir: str | None = None) -> str:
+    """Exact Jacobian blocks of USSR's generator (docs/lipschitz.md): one back-projection
+    refinement step ``Y -> Y + G_1(X - C_o Y)`` as a band-to-band map (31 x 31 blocks
+    ``||J_ij||_2``, mean against ``|i - j|``), and the whole generator ``X -> Y`` (31 x 3
+    blocks), on a smooth ``size x size`` 31-band map in [0, 1] rendered through the dictionary
+    mean SRF (the generator is bias-free and positively homogeneous, so the input's scale does
+    not change J). Seeded random initialisation, or the generator of a ``train.py --method
+    ussr`` run (``workdir``, best checkpoint)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxspec.analysis import exact_block_norms, synthetic_feature_map
+    from jaxspec.models import ussr as U
+
+    y = jnp.asarray(synthetic_feature_map(size, size, 31, seed=seed, value_range=(0.0, 1.0)))
+    db = camspec_path()
+    c_o = jnp.asarray(U.load_srf_dictionary(str(db) if db else "builtin").curves.mean(0))
+    x = jnp.einsum("bhwc,ck->bhwk", y, c_o)
+    gen = U.Generator(31, 4)
+    if workdir is None:
+        gvars = gen.init(jax.random.PRNGKey(seed), x, c_o)
+        what = f"seeded random init (seed {seed})"
+    else:
+        import jaxspec
+        _, v = jaxspec.load(workdir)
+        gvars = {"params": v["params"]["hsiG"]}
+        what = f"the generator of {workdir} (best checkpoint)"
+    stage = U.GeneratorStage(31, mean_sub=True)
+    s1 = {"params": gvars["params"]["stages_1"]}
+    refine = exact_block_norms(
+        lambda z: z + stage.apply(s1, x - jnp.einsum("bhwc,ck->bhwk", z, c_o)), y)
+    whole = exact_block_norms(lambda r: gen.apply(gvars, r, c_o)[0], x)     # (31, 3)
+    i, j = np.indices(refine.shape)
+    dists = [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 30]
+    off = refine[i != j]
+    # the off-diagonal blocks pass through the camera's 3 channels: J_ij = -D_i C_o(j)^T, so
+    # column j should scale with the SRF weight of band j
+    col = np.array([refine[np.arange(31) != jj, jj].mean() for jj in range(31)])
+    corr = float(np.corrcoef(col, np.asarray(c_o).sum(1))[0, 1])
+    lines = [f"USSR generator, {what}; {size}x{size} smooth 31-band map in [0, 1] rendered "
+             "through the dictionary-mean SRF (bench/ussr.py --stability).", "",
+             "Refinement step Y -> Y + G_1(X - C_o Y), mean ||J_ij||_2 over |i - j| = d:", "",
+             "| d | " + " | ".join(str(d) for d in dists) + " |",
+             "|" + "---|" * (len(dists) + 1),
+             "| mean | " + " | ".join(f"{refine[np.abs(i - j) == d].mean():.3g}"
+                                     for d in dists) + " |", "",
+             f"off-diagonal blocks: max {off.max():.3g}, mean {off.mean():.3g}; correlation of "
+             f"a column's mean off-diagonal norm with the band's total SRF weight: {corr:.2f}",
+             "", "Whole generator X -> Y, ||J_ic||_2 (rows: bands 400, 450, ..., 700 nm):", "",
+             "| band | R | G | B |", "|---|---|---|---|"]
+    for b in range(0, 31, 5):
+        lines.append(f"| {400 + 10 * b} | " + " | ".join(f"{v:.3g}" for v in whole[b]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--test-srf", default=None, help="camera name in the Jiang 2013 database "
@@ -156,6 +212,8 @@ def main(argv=None):
     p.add_argument("--skip-baselines", action="store_true",
                    help="reuse the baseline rows of an earlier --out file")
     p.add_argument("--out", default=str(HERE / "ussr_results.json"))
+    p.add_argument("--stability", action="store_true",
+                   help="print the generator's Jacobian blocks (docs/lipschitz.md) and exit")
     args = p.parse_args(argv)
     import _cli
     from jaxspec.errors import DataNotFoundError, UsageError
@@ -165,6 +223,9 @@ def main(argv=None):
     _cli.positive("--batch", args.batch)
     if args.workdir is not None and not (Path(args.workdir) / "config.json").is_file():
         raise UsageError(f"--workdir {args.workdir}: not a training workdir (no config.json)")
+    if args.stability:
+        print(stability(seed=args.seed, workdir=args.workdir))
+        return 0
     _cli.output_file(args.out, "--out")
 
     import jax.numpy as jnp

@@ -30,9 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="global batch size")
     p.add_argument("--crop", type=int, default=None, help="training crop size")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--init-from", default=None, metavar="WORKDIR",
+    p.add_argument("--init-from", default=None, metavar="WORKDIR|FILE.npz:TARGET",
                    help="start from the weights of another run (fine-tuning; for MCGA stage 2: "
-                        "a stage-1 or mixture-of-codebooks run)")
+                        "a stage-1 or mixture-of-codebooks run), or put the variable tree of an "
+                        ".npz file at TARGET (e.g. USSR's segmenter: e1.npz:E1)")
+    p.add_argument("--freeze", action="append", default=None, metavar="REGEX",
+                   help="keep the parameters whose '/'-joined path matches REGEX at their "
+                        "initial values (repeatable; e.g. '^E1/')")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue from the latest checkpoint in the workdir (default)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
@@ -66,15 +70,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if v is not None:
             updates[field] = v
     if args.init_from is not None:
-        from pathlib import Path
-
-        from jaxspec.errors import InputNotFoundError
-        if not (Path(args.init_from) / "config.json").is_file():
-            raise InputNotFoundError(f"--init-from {args.init_from}: not a jaxspec workdir "
-                                     f"(no config.json)")
-        updates["init_from"] = ({"workdir": str(Path(args.init_from).absolute())},)
+        updates["init_from"] = (_init_from_entry(args.init_from),)
+    if args.freeze:
+        updates["frozen"] = tuple(cfg.frozen) + tuple(args.freeze)
     cfg = cfg.replace(**updates) if updates else cfg
     return apply_overrides(cfg, args.overrides)
+
+
+def _init_from_entry(value: str) -> dict:
+    """``--init-from``: a workdir, or ``FILE.npz:TARGET`` (``FILE.npz`` alone: the whole
+    tree). Missing paths are input errors (exit 2) before anything is built."""
+    from pathlib import Path
+
+    from jaxspec.errors import InputNotFoundError, UsageError
+    path, sep, target = value.rpartition(":") if ".npz:" in value else (value, "", "")
+    if path.endswith(".npz"):
+        if not Path(path).is_file():
+            raise InputNotFoundError(f"--init-from {value}: no such file {path!r}")
+        if sep and not target:
+            raise UsageError(f"--init-from {value}: empty TARGET after ':'")
+        return {"file": str(Path(path).absolute()), "target": target}
+    if not (Path(path) / "config.json").is_file():
+        raise InputNotFoundError(f"--init-from {value}: not a jaxspec workdir (no config.json) "
+                                 f"nor an .npz file")
+    return {"workdir": str(Path(path).absolute())}
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,10 @@ with the band centres (nm):
 * ``mat``: ``<stem>.mat`` with ``cube`` (H, W, C) and ``bands`` (scipy.io.savemat, v5);
 * ``tif``: ``<stem>.tif`` (C, H, W) float32 via tifffile, metadata ``axes="CYX"``,
   ``bands`` (nm) and ``method`` in the JSON image description.
+
+Methods that estimate something about the photo itself (``Method.photo_info``; USSR: which
+camera of its SRF dictionary took it, and the estimated SRF) print one line per image and
+record the whole estimate under ``"estimate"`` in the sidecar / image description.
 """
 from __future__ import annotations
 
@@ -397,10 +401,13 @@ def _main(argv=None) -> int:
         from jaxspec import inference
         predict = inference.make_predict_fn(model.module.apply, variables)
     for (path, x), stem in zip(images, stems):
+        info = {"method": model.name, "source": str(path)}
+        if str(path) in recs:
+            info["input"] = recs[str(path)]
+        if model.method.photo_info is not None and model.task.name != "fusion":
+            info["estimate"] = dict(model.method.photo_info(model.module, variables, x))
+            print(f"{path}: {_estimate_line(info['estimate'])}")
         if model.task.name != "fusion" and not adapt:
-            info = {"method": model.name, "source": str(path)}
-            if str(path) in recs:
-                info["input"] = recs[str(path)]
             written, shape = predict_bounded(
                 model, variables, x, out / stem, a.format, workdir=a.workdir, info=info,
                 max_memory=max_memory, tile=a.tile, overlap=a.overlap, ensemble=a.ensemble,
@@ -414,12 +421,20 @@ def _main(argv=None) -> int:
                                    overlap=a.overlap, adapt=adapt)
         cube = np.maximum(np.asarray(cube, np.float32), 0.0)   # radiance/reflectance >= 0
         bands = api.bands_of(model, cube.shape[-1], a.workdir)
-        info = {"method": model.name, "source": str(path)}
-        if str(path) in recs:
-            info["input"] = recs[str(path)]
         written = write_cube(cube, bands, out / stem, a.format, info)
         print(f"{path} -> {written} {cube.shape}")
     return 0
+
+
+def _estimate_line(est: dict) -> str:
+    """One console line for a method's ``photo_info`` (full record in the sidecar JSON)."""
+    if "camera" in est:
+        others = ", ".join(f"{t['camera']} {t['weight']:.3f}" for t in est.get("top", [])[1:])
+        n = est.get("dictionary_size")
+        return (f"estimated camera {est['camera']} (weight {est['weight']:.3f}"
+                + (f"; next: {others}" if others else "")
+                + (f"; {n} cameras, uniform {1 / n:.3f}" if n else "") + ")")
+    return ", ".join(f"{k}={v}" for k, v in est.items() if not isinstance(v, (list, dict)))
 
 
 def main(argv=None) -> int:

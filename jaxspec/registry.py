@@ -55,6 +55,11 @@ class Method:
     # one), or the summary dict of its own run when that was interrupted (returned as is).
     # Called by ``train_and_evaluate`` when it reads the config's own dataset.
     before_training: Callable[..., Config] | None = None
+    # What ``python -m jaxspec.predict`` reports about each input besides the prediction:
+    # fn(module, variables, x) -> JSON-able dict (x: the model input of one image, (H, W, C)),
+    # written into the output's sidecar under "estimate" and summarised on the console
+    # (e.g. USSR: which camera of its SRF dictionary it thinks took the photo).
+    photo_info: Callable[..., Mapping[str, Any]] | None = None
 
     def config(self, preset: str = "cpu", **overrides) -> Config:
         if preset not in self.presets:

@@ -87,6 +87,17 @@ def test_init_from_flag(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     a = cli.build_parser().parse_args(["--method", "mstpp", "--init-from", str(tmp_path)])
     assert cli.config_from_args(a).init_from == ({"workdir": str(tmp_path.absolute())},)
+    # FILE.npz:TARGET (user weights of one sub-network) and --freeze
+    np.savez(tmp_path / "e1.npz", **{"params/w": np.zeros(2)})
+    a = cli.build_parser().parse_args(["--method", "mstpp", "--init-from",
+                                       f"{tmp_path / 'e1.npz'}:E1", "--freeze", "^E1/"])
+    c = cli.config_from_args(a)
+    assert c.init_from == ({"file": str(tmp_path / "e1.npz"), "target": "E1"},)
+    assert c.frozen[-1] == "^E1/"
+    for bad in (f"{tmp_path / 'missing.npz'}:E1", f"{tmp_path / 'e1.npz'}:"):
+        assert cli.main(["--method", "mstpp", "--preset", "smoke", "--init-from", bad,
+                         "--print-config"]) == 2
+        assert "--init-from" in capsys.readouterr().err
 
 
 def test_train_resume_evaluate_predict(cli_tiny, tiny_data, tmp_path, capsys):

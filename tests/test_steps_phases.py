@@ -202,6 +202,22 @@ def test_init_from_and_frozen_bitwise(tmp_path):
                                   np.asarray(v1["params"]["head"]["kernel"]))
         saved = json.loads((w2 / "config.json").read_text())
         assert saved["frozen"] == ["^enc/"] and saved["init_from"][0]["subtree"] == "enc"
+        # the same from an .npz variable tree (user-provided weights of one sub-network)
+        from jaxspec.train.state import save_variable_tree
+        f = save_variable_tree(tmp_path / "enc.npz", {"params": v1["params"]["enc"]})
+        train_and_evaluate(cfg2.replace(init_from=({"file": str(f), "target": "enc"},)),
+                           tmp_path / "s2f", **data)
+        _, v2f = jaxspec.load(tmp_path / "s2f", which="latest")
+        for k in ("kernel", "bias"):
+            np.testing.assert_array_equal(np.asarray(v2f["params"]["enc"][k]),
+                                          np.asarray(v1["params"]["enc"][k]))
+        bad = save_variable_tree(tmp_path / "bad.npz", {"enc": v1["params"]["enc"]})
+        with pytest.raises(ValueError, match="no 'params' collection"):
+            train_and_evaluate(base.replace(init_from=({"file": str(bad), "target": "enc"},)),
+                               tmp_path / "s5", **data)
+        with pytest.raises(ValueError, match="a 'workdir' or a 'file'"):
+            train_and_evaluate(base.replace(init_from=({"target": "enc"},)), tmp_path / "s6",
+                               **data)
         with pytest.raises(ValueError, match="no subtree 'nope'"):
             train_and_evaluate(base.replace(init_from=({"workdir": str(w1), "subtree": "nope"},)),
                                tmp_path / "s3", **data)

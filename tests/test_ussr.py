@@ -5,6 +5,7 @@ losses and unpaired baselines against numpy, weight mapping against PyTorch (whe
 Parameters are filled from numpy (``random_variables``) instead of ``Module.init``: the shapes
 come from ``jax.eval_shape`` so no init graph is compiled, which keeps the file fast.
 """
+import json
 import math
 import os
 import warnings
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxspec import physics
+from jaxspec import physics, registry
 from jaxspec.flops import count_params
 from jaxspec.models import ussr as U
 
@@ -651,3 +652,42 @@ def test_cli_engine_two_iterations_on_unpaired_streams(tmp_path):
                            eval_source=[example(20, False)], progress=False, figures=0)
     assert s["step"] == 2 and np.isfinite(s["final_loss"])
     assert np.isfinite(s["eval"]["psnr"])
+
+
+@pytest.mark.slow
+def test_predict_reports_the_estimated_camera(tmp_path, capsys):
+    """``python -m jaxspec.predict`` on a USSR run prints which dictionary camera SPFNet
+    thinks took the photo and writes the whole estimate (weights, per-channel argmax, SRF) into
+    the sidecar; the numbers are SPFNet's softmax on the (area-averaged) photo."""
+    from PIL import Image
+
+    from jaxspec import api, convert, predict
+    from jaxspec.configs import ussr as C
+    cfg = C.smoke().replace(model={**C.smoke().model, "srf_dictionary": "builtin",
+                                   "n_classes": 0})
+    model = api.Model(method=registry.get("ussr"), config=cfg,
+                      module=registry.get("ussr").model(cfg))
+    variables = model.init(seed=3, image_size=32)
+    wd = convert.write_workdir(tmp_path / "run", cfg, variables)
+    rng = np.random.default_rng(0)
+    img = (rng.uniform(0, 1, (96, 1100, 3)) ** 0.5 * 255).astype(np.uint8)   # long side > 512
+    Image.fromarray(img).save(tmp_path / "photo.png")
+    assert predict.main(["--workdir", str(wd), "--out", str(tmp_path / "out"), "--no-progress",
+                         str(tmp_path / "photo.png")]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "estimated camera" in ln]
+    est = json.loads((tmp_path / "out" / "photo.json").read_text())["estimate"]
+    names = U.load_srf_dictionary("builtin").names
+    assert len(line) == 1 and est["camera"] in line[0] and est["camera"] in names
+    assert est["estimated_on"] == [32, 366]        # factor 3: 1100 / 3 <= 512 and est["dictionary_size"] == len(names)
+    # the same numbers straight from the module, on the photo as the model sees it
+    spec = predict.model_input_spec(wd)
+    x, _ = predict.read_model_rgb(str(tmp_path / "photo.png"), spec, workdir=wd)
+    small = x[:96, :1098].reshape(32, 3, 366, 3, 3).mean(axis=(1, 3))
+    w = np.asarray(model.module.apply(variables, jnp.asarray(small)[None],
+                                      method=U.USSR.estimate_srf_weights))[0]
+    p = np.exp(w - w.max(0)) / np.exp(w - w.max(0)).sum(0)
+    assert est["camera"] == names[int(np.argmax(p.mean(1)))]
+    np.testing.assert_allclose(est["weight"], p.mean(1).max(), atol=1e-4)
+    assert est["per_channel"] == {c: names[int(np.argmax(p[:, k]))] for k, c in enumerate("RGB")}
+    assert np.asarray(est["srf"]).shape == (31, 3)
+    np.testing.assert_allclose(np.asarray(est["srf"]).sum(0), est["amplitude"], atol=1e-4)

@@ -55,6 +55,7 @@ import optax
 from jaxspec import layers
 from jaxspec import metrics as _metrics
 from jaxspec import physics
+from jaxspec.train import state as train_state
 
 Array = jax.Array
 
@@ -646,6 +647,10 @@ class USSR(nn.Module):
         hsi, res = self.hsiG(rgb, srf, train)
         return {"hsi": hsi, "residual": res, "srf": srf, "weights": w}
 
+    def estimate_srf_weights(self, rgb: Array) -> Array:
+        """SPFNet's raw weights W (B, N, 3) on ``rgb`` (inference mode)."""
+        return self.respG(layers.as_floating(rgb), False)
+
     def __call__(self, rgb: Array, train: bool = False) -> Array:
         hsi = self.reconstruct(rgb, train)["hsi"]
         if self.is_initializing():           # the engine initialises through __call__
@@ -1063,34 +1068,10 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], template: Mapping
     return out, sorted(set(sd) - used)
 
 
-def save_param_tree(path, tree: Mapping) -> Path:
-    """Save a (nested) Flax variable tree as ``.npz`` with ``/``-joined keys."""
-    path = Path(path)
-    np.savez(path, **{"/".join(k): np.asarray(v) for k, v in _flat(tree).items()})
-    return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
-
-
-def load_param_tree(path, template: Mapping | None = None) -> dict:
-    """Load an ``.npz`` written by :func:`save_param_tree` (e.g. user-provided E1 weights:
-    ``{"params": ..., "batch_stats": ...}`` of :class:`RGBSegmenter`). With ``template``, every
-    leaf must exist with the template's shape (``ValueError`` names the first mismatch)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such parameter file {str(p)!r}")
-    with np.load(p) as z:
-        flat = {tuple(k.split("/")): jnp.asarray(z[k]) for k in z.files}
-    if template is not None:
-        want = {k: np.shape(v) for k, v in _flat(template).items()}
-        missing = sorted("/".join(k) for k in set(want) - set(flat))
-        extra = sorted("/".join(k) for k in set(flat) - set(want))
-        if missing or extra:
-            raise ValueError(f"{p}: parameter tree does not match: missing {missing[:5]}, "
-                             f"unexpected {extra[:5]}")
-        for k, s in want.items():
-            if tuple(flat[k].shape) != tuple(s):
-                raise ValueError(f"{p}: {'/'.join(k)} has shape {tuple(flat[k].shape)}, "
-                                 f"expected {tuple(s)}")
-    return _unflat(flat)
+# the .npz variable-tree format lives in the engine (``init_from`` entries with a "file" read
+# it); these names are kept for the USSR API
+save_param_tree = train_state.save_variable_tree
+load_param_tree = train_state.load_variable_tree
 
 
 # ============================================================================================
@@ -1347,6 +1328,52 @@ def engine_phases(semantic: bool = True) -> list:
     return phases
 
 
+CAMERA_ESTIMATE_SIDE = 512     # photos are area-averaged to at most this long side for M
+
+
+def _area_downscale(x: np.ndarray, max_side: int) -> np.ndarray:
+    """(H, W, C) -> integer-factor block means so that the long side is <= ``max_side``
+    (the factor is capped so the short side stays >= 16, what SPFNet needs)."""
+    f = min(int(np.ceil(max(x.shape[:2]) / max_side)), max(min(x.shape[:2]) // 16, 1))
+    if f <= 1:
+        return x
+    h, w = (x.shape[0] // f) * f, (x.shape[1] // f) * f
+    return x[:h, :w].reshape(h // f, f, w // f, f, x.shape[2]).mean(axis=(1, 3))
+
+
+def camera_estimate(module: "USSR", variables, rgb, top: int = 3) -> dict:
+    """Which camera of the SRF dictionary USSR's SPFNet thinks took ``rgb`` (H, W, 3), as the
+    model sees it (``jaxspec.predict``'s ``photo_info`` hook). The photo is area-averaged to a
+    long side of at most :data:`CAMERA_ESTIMATE_SIDE` first (SPFNet ends in a global pooling;
+    the full resolution only costs memory). Returns the softmax weights over the dictionary
+    per RGB channel (Eq. 5) summarised as: ``camera`` (largest weight averaged over R, G, B)
+    and its ``weight``, the ``top`` cameras, the per-channel argmax, the gray-world
+    ``amplitude`` (Eq. 6), and the estimated ``srf`` (bands, 3) that the generator used."""
+    x = np.asarray(rgb, np.float32)
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(f"camera_estimate expects an (H, W, 3) image, got {x.shape}")
+    small = _area_downscale(x, CAMERA_ESTIMATE_SIDE)
+    w = np.asarray(module.apply(variables, jnp.asarray(small)[None],
+                                method=USSR.estimate_srf_weights))[0]          # (N, 3)
+    names = load_srf_dictionary(module.srf_dictionary).names
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(w), axis=0))                 # over cameras
+    mean = probs.mean(axis=1)
+    order = np.argsort(-mean)
+    amp = 1.0 / (1.0 + np.exp(-w))
+    amp = amp.mean(axis=0) / amp.mean()
+    srf = np.asarray(combine_srf(jnp.asarray(w)[None],
+                                 jnp.asarray(load_srf_dictionary(module.srf_dictionary)
+                                             .curves)))[0]
+    return {"camera": names[order[0]], "weight": round(float(mean[order[0]]), 4),
+            "top": [{"camera": names[i], "weight": round(float(mean[i]), 4)}
+                    for i in order[:top]],
+            "per_channel": {ch: names[int(np.argmax(probs[:, k]))]
+                            for k, ch in enumerate("RGB")},
+            "amplitude": [round(float(a), 4) for a in amp],
+            "srf": np.round(srf, 6).tolist(), "dictionary_size": len(names),
+            "estimated_on": list(small.shape[:2])}
+
+
 def _register():
     from jaxspec import registry
 
@@ -1374,6 +1401,7 @@ def _register():
         reference=("Z. Zhu, H. Liu, J. Hou, H. Zeng, Q. Zhang. Semantic-embedded Unsupervised "
                    "Spectral Reconstruction from Single RGB Images in the Wild. ICCV 2021"),
         paper_params_m=0.58,
+        photo_info=camera_estimate,
     ))
 
 

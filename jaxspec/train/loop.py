@@ -418,20 +418,33 @@ def _path_set(tree, path: str, value):
 def apply_init_from(run: Run, state: TrainState) -> TrainState:
     """Copy ``{"workdir", "subtree" ("" = all), "target" (default = subtree), "which"
     ("best" | "latest")}`` entries of ``config.init_from`` into the fresh state: the params
-    subtree and the same subtree of every model-state collection both runs have. Structures
-    and shapes must match (``ValueError`` otherwise); the optimiser state is re-initialised."""
+    subtree and the same subtree of every model-state collection both runs have. An entry
+    with ``"file"`` instead of ``"workdir"`` reads an ``.npz`` variable tree
+    (:func:`jaxspec.train.state.save_variable_tree`: ``{"params": ..., "batch_stats": ...}``,
+    e.g. user-provided weights of one sub-network, with ``"target"`` naming where they go).
+    Structures and shapes must match (``ValueError`` otherwise); the optimiser state is
+    re-initialised."""
+    from jaxspec.train.state import load_variable_tree
     params, mstate = state.params, dict(state.model_state)
     for spec in run.config.init_from:
         spec = dict(spec)
-        if "workdir" not in spec:
-            raise ValueError(f"init_from entry {spec} needs a 'workdir'")
+        if ("workdir" in spec) == ("file" in spec):
+            raise ValueError(f"init_from entry {spec} needs a 'workdir' or a 'file' (one)")
         sub = str(spec.get("subtree", ""))
         target = str(spec.get("target", sub))
-        d = Path(spec["workdir"]) / "checkpoints"
-        if not checkpointing.has_checkpoint(spec["workdir"]):
-            raise FileNotFoundError(f"init_from: no checkpoint in {d}")
-        with checkpointing.Checkpointer(d, read_only=True) as ck:
-            src, _ = ck.restore_variables(which=spec.get("which", "best"))
+        if "file" in spec:
+            src = load_variable_tree(spec["file"])
+            if "params" not in src:
+                raise ValueError(f"init_from file {spec['file']}: no 'params' collection (keys "
+                                 f"{sorted(src)[:5]}; write it with save_variable_tree("
+                                 f"path, {{'params': ...}})")
+            spec["workdir"] = spec["file"]          # the name used in messages below
+        else:
+            d = Path(spec["workdir"]) / "checkpoints"
+            if not checkpointing.has_checkpoint(spec["workdir"]):
+                raise FileNotFoundError(f"init_from: no checkpoint in {d}")
+            with checkpointing.Checkpointer(d, read_only=True) as ck:
+                src, _ = ck.restore_variables(which=spec.get("which", "best"))
         for coll in ["params"] + sorted(mstate):
             if coll != "params" and coll not in src:
                 continue

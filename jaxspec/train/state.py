@@ -98,3 +98,45 @@ def create_train_state(model, tx: optax.GradientTransformation, rng, input_shape
 
 def param_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def save_variable_tree(path, tree) -> "Path":
+    """Save a (nested) Flax variable tree (``{"params": ..., "batch_stats": ...}`` or any
+    nested mapping of arrays) as ``.npz`` with ``/``-joined keys; returns the written path."""
+    from pathlib import Path
+
+    from flax import traverse_util
+    path = Path(path)
+    flat = traverse_util.flatten_dict(dict(tree), sep="/")
+    np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
+    return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
+
+
+def load_variable_tree(path, template=None) -> dict:
+    """Load an ``.npz`` written by :func:`save_variable_tree` (e.g. user-provided weights of
+    one sub-network, read by ``config.init_from`` entries with a ``"file"``). With
+    ``template``, every leaf must exist with the template's shape (``ValueError`` names the
+    first mismatch); ``FileNotFoundError`` for a missing file."""
+    from pathlib import Path
+
+    from flax import traverse_util
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such parameter file {str(p)!r}")
+    try:
+        with np.load(p) as z:
+            flat = {tuple(k.split("/")): jnp.asarray(z[k]) for k in z.files}
+    except (ValueError, OSError) as e:   # not an .npz / a pickle we refuse to load
+        raise ValueError(f"{p}: not an .npz variable tree ({e})") from None
+    if template is not None:
+        want = {k: np.shape(v) for k, v in traverse_util.flatten_dict(dict(template)).items()}
+        missing = sorted("/".join(k) for k in set(want) - set(flat))
+        extra = sorted("/".join(k) for k in set(flat) - set(want))
+        if missing or extra:
+            raise ValueError(f"{p}: parameter tree does not match: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        for k, s in want.items():
+            if tuple(flat[k].shape) != tuple(s):
+                raise ValueError(f"{p}: {'/'.join(k)} has shape {tuple(flat[k].shape)}, "
+                                 f"expected {tuple(s)}")
+    return traverse_util.unflatten_dict(flat)
