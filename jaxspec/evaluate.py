@@ -145,8 +145,22 @@ def _perturbed_batches(run: Prepared, p, seed: int):
                             method=run.model.method)
     if srf is not None:
         raw = _checked_rendering(raw, train_srf, full_scale, p.name)
+    elif p.kind in ("brightness", "noise", "jpeg"):
+        raw = _checked_scale(raw, full_scale, p.name)
     for batch in robustness.perturb_batches(raw, p, seed, full_scale=full_scale, srf=srf):
         batch["rgb"] = normalize_rgb(batch["rgb"], run.cfg.rgb_norm)
+        yield batch
+
+
+def _checked_scale(batches, full_scale, name):
+    """``batches`` unchanged, after checking that the RGB lies in the run's full scale
+    (``input.json`` ``native_scale``; 99th percentile <= it): the protocols that work on
+    ``x / s`` (gamma, photo-electrons, 8-bit codes) would otherwise be meaningless."""
+    for batch in batches:
+        p99 = float(np.percentile(np.asarray(batch["rgb"], np.float32), 99))
+        if p99 > full_scale:
+            raise UsageError(f"--perturb {name}: the RGB's 99th percentile {p99:.4g} exceeds "
+                             f"the run's full scale {full_scale:g} (input.json native_scale)")
         yield batch
 
 

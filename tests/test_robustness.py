@@ -210,6 +210,28 @@ def test_evaluate_perturb_end_to_end(tiny_run, capsys):
     assert "adapt_loss" in capsys.readouterr().err
 
 
+def test_evaluate_perturb_refuses_data_it_cannot_perturb(tiny_run, capsys):
+    """RGB beyond the recorded full scale (jpeg / noise / brightness) and an RGB that is not
+    the HSI through the recorded training SRF (srf:NAME): one-line usage errors."""
+    from jaxspec import evaluate
+    spec_path = tiny_run / "input.json"
+    orig = spec_path.read_text()
+    try:
+        spec = json.loads(orig)
+        spec_path.write_text(json.dumps(dict(spec, native_scale=0.01)))
+        capsys.readouterr()
+        assert evaluate.main(["--workdir", str(tiny_run), "--perturb", "jpeg",
+                              "--figures", "0"]) == 2
+        assert "exceeds the run's full scale 0.01" in capsys.readouterr().err
+        nikon = physics.get_srf("nikon_d5100").tolist()
+        spec_path.write_text(json.dumps(dict(spec, srf=nikon)))
+        assert evaluate.main(["--workdir", str(tiny_run), "--perturb", "srf:canon_5d_mk2",
+                              "--figures", "0"]) == 2
+        assert "not its HSI projected through the training SRF" in capsys.readouterr().err
+    finally:
+        spec_path.write_text(orig)
+
+
 def test_bench_robustness_section_and_errors(tiny_run, tmp_path, capsys):
     """bench/robustness.py on the tiny run: the table's cells are the eval JSON means, the
     RESULTS.md section replaces only itself; bad options exit 2 with one line."""
