@@ -1,8 +1,9 @@
 """Reconstruct spectral cubes from user images:
 ``python -m jaxspec.predict --workdir W img.png [more ...] [--out DIR --format npy|mat|tif]
-[--adapt]``. A fusion run takes pairs ``LR_HSI HR_MSI`` of cubes (.npy/.mat/.tif, values in
-[0, 1]) and uses the run's SRF/PSF when the method reads them; an hsi2hsi run takes cubes.
-``--adapt`` runs the method's per-image test-time adaptation before predicting.
+[--adapt|--tta]``. A fusion run takes pairs ``LR_HSI HR_MSI`` of cubes (.npy/.mat/.tif, values
+in [0, 1]) and uses the run's SRF/PSF when the method reads them; an hsi2hsi run takes cubes.
+``--adapt`` (or ``--tta``, the same option) runs the method's per-image test-time adaptation
+before predicting.
 
 Memory (rgb2hsi / hsi2hsi without ``--adapt``): the process stays within ``--max-memory``
 (default 4GiB): the largest tile that fits is chosen from the model's compiled memory
@@ -339,8 +340,9 @@ def _main(argv=None) -> int:
     p.add_argument("--tile", type=int, default=None, help="tile size for large images")
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--which", choices=("best", "latest"), default="best")
-    p.add_argument("--adapt", action="store_true",
-                   help="per-image test-time adaptation (the method's adapt_loss)")
+    p.add_argument("--adapt", "--tta", action="store_true",
+                   help="per-image test-time adaptation (the method's adapt_loss); --tta is "
+                        "the same option (MCGA's name for it)")
     p.add_argument("--adapt-steps", type=int, default=None, help="default: config.adapt_steps")
     p.add_argument("--adapt-lr", type=float, default=None, help="default: config.adapt_lr")
     p.add_argument("--grey", choices=("reject", "replicate"), default="reject",

@@ -179,3 +179,56 @@ def test_train_py_mstpp_smoke_subprocess(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((w / "eval.json").read_text())
     assert ev["params"] == 1_619_625 and np.isfinite(ev["mean"]["mrae"])
+
+
+def _output_energy(apply_fn, variables, inputs):
+    """A self-supervised loss for the TTA test: it moves every parameter of CliNet."""
+    return jax.numpy.mean(apply_fn(variables, inputs["rgb"], train=False) ** 2)
+
+
+def test_tta_is_adapt(tiny_data, tmp_path, capsys):
+    """``--tta`` is ``--adapt`` in ``jaxspec.evaluate`` and ``jaxspec.predict``: the same eval
+    JSON and the same cubes, and both differ from no adaptation (so the option is not
+    ignored)."""
+    name = "cli_tta"
+    smoke = lambda: _smoke().replace(method=name, adapt_steps=2, adapt_lr=3e-2)  # noqa: E731
+    registry.register(registry.Method(name=name, make_model=lambda m: CliNet(),
+                                      presets={"smoke": smoke}, stride=2,
+                                      adapt_loss=_output_energy))
+    try:
+        w = tmp_path / "run"
+        assert cli.main(["--method", name, "--preset", "smoke", "--dataset",
+                         "spectral_scenes/tiny", "--data-dir", str(tiny_data), "--workdir",
+                         str(w), "--no-progress"]) == 0
+        from jaxspec import evaluate, predict
+        evals = {}
+        for flag in ("--adapt", "--tta", None):
+            out = tmp_path / f"eval_{flag}.json"
+            assert evaluate.main(["--workdir", str(w), "--figures", "0", "--max-images", "2",
+                                  "--out", str(out)] + ([flag] if flag else [])) == 0
+            evals[flag] = json.loads(out.read_text())
+        assert evals["--tta"]["per_image"] == evals["--adapt"]["per_image"]
+        assert evals["--tta"]["adapt"] == evals["--adapt"]["adapt"] == {
+            "steps": 2, "lr": 3e-2, "optimizer": "adam", "params": []}
+        assert evals[None]["adapt"] is None
+        assert evals[None]["per_image"] != evals["--adapt"]["per_image"]
+
+        from PIL import Image
+        png = tmp_path / "a.png"
+        Image.fromarray((np.random.default_rng(0).random((20, 24, 3)) * 255)
+                        .astype(np.uint8)).save(png)
+        cubes = {}
+        for flag in ("--adapt", "--tta", None):
+            d = tmp_path / f"pred_{flag}"
+            assert predict.main(["--workdir", str(w), str(png), "--out", str(d),
+                                 "--no-progress"] + ([flag] if flag else [])) == 0
+            cubes[flag] = np.load(d / "a.npy")
+        np.testing.assert_array_equal(cubes["--tta"], cubes["--adapt"])
+        assert np.abs(cubes[None] - cubes["--adapt"]).max() > 1e-4
+        capsys.readouterr()
+        for mod in (evaluate, predict):
+            with pytest.raises(SystemExit):
+                mod.main(["--help"])
+            assert "--adapt, --tta" in capsys.readouterr().out
+    finally:
+        registry.unregister(name)
