@@ -90,6 +90,13 @@ def test_golden_output(tiny):
     other = "lax" if L.resolve_depthwise_impl("auto") == "shift" else "shift"
     y2 = jax.jit(ccnet.CCNet(**{**TINY, "dw_impl": other}).apply)(variables, x)
     np.testing.assert_allclose(np.asarray(y2), y, atol=1e-5)
+    # the training forward (stacked NeSCM windows) is the same function as inference's (band
+    # planes where a level has one NeSCM feature channel: level 0, the block TINY lacks)
+    lvl0 = ccnet.CCNet(**{**TINY, "num_blocks": (1, 0, 0)})
+    v0 = lvl0.init(jax.random.PRNGKey(0), x)
+    y_train = jax.jit(lvl0.apply, static_argnums=2)(v0, x, True)
+    y_infer = jax.jit(lvl0.apply, static_argnums=2)(v0, x, False)
+    np.testing.assert_allclose(np.asarray(y_infer), np.asarray(y_train), atol=1e-5)
 
 
 GOLDEN_PARAMS = 31_280
@@ -130,16 +137,28 @@ def nescm_reference(x, p, heads, window):
     return y.reshape(b, h, w, c)
 
 
-@pytest.mark.parametrize("heads,window", [(1, 3), (2, 5)])
+@pytest.mark.parametrize("heads,window", [(1, 3), (1, 5), (2, 5)])
 def test_nescm_scan_matches_unrolled(heads, window):
+    """Every path against the per-band loop: the stacked-window scan (training; both conv
+    implementations) and, for one feature channel on CPU, the band-plane inference form
+    (``nescm_planes``), forward and forward-mode derivative (what jaxspec.analysis uses)."""
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 5, 7 * heads))
     mod = ccnet.NeSCM(dim=7 * heads, heads=heads, window=window)
     params = mod.init(jax.random.PRNGKey(2), x)["params"]
     ref = jax.jit(nescm_reference, static_argnums=(2, 3))(x, params, heads, window)
     for impl in ("shift", "lax"):
-        y = jax.jit(ccnet.NeSCM(dim=7 * heads, heads=heads, window=window, impl=impl).apply)(
-            {"params": params}, x)
-        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=1e-5)
+        for train in (True, False):
+            m = ccnet.NeSCM(dim=7 * heads, heads=heads, window=window, impl=impl)
+            y = jax.jit(m.apply, static_argnums=2)({"params": params}, x, train)
+            np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    if heads == 1:
+        planes = jax.jit(ccnet.nescm_planes, static_argnums=2)(x, params, window)
+        np.testing.assert_allclose(np.asarray(planes), np.asarray(ref), atol=1e-5, rtol=1e-5)
+        t = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+        _, j_planes = jax.jvp(lambda z: ccnet.nescm_planes(z, params, window), (x,), (t,))
+        _, j_ref = jax.jvp(lambda z: ccnet.nescm_apply(z, params, 1, window), (x,), (t,))
+        np.testing.assert_allclose(np.asarray(j_planes), np.asarray(j_ref), atol=1e-5,
+                                   rtol=1e-5)
     # both chains matter: a perturbation of the last band reaches the first band's output
     dx = jnp.zeros_like(x).at[..., -1].set(1.0)
     f = jax.jit(mod.apply)
