@@ -429,3 +429,37 @@ def test_ablation_names_and_code_dim_floor():
     pg = with_ga.init(jax.random.PRNGKey(1), x)["params"]
     assert {"ga_gamma", "ga_log"} <= set(pg)
     assert not np.allclose(with_ga.apply({"params": pg}, x), ref, atol=1e-3)
+
+
+def test_ablation_bench_direction_table_and_bad_options(tmp_path, capsys):
+    """bench/mcga_ablations.py: the direction column, the table (every row against its
+    reference, the ladder rung by rung) and one-line errors (exit 2) before any training."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import _ablations
+    import mcga_ablations as bench
+    ref = {"mrae": 1.0, "psnr": 20.0}
+    worse, better = {"mrae": 1.2, "psnr": 19.0}, {"mrae": 0.8, "psnr": 21.0}
+    assert _ablations.direction(worse, ref, 15.0, 13.1, 0.01) == "yes"
+    assert _ablations.direction(better, ref, 15.0, 13.1, 0.01) == "no"
+    assert _ablations.direction({"mrae": 1.2, "psnr": 21.0}, ref, 15.0, 13.1, 0.01) == \
+        "partly (MRAE yes, PSNR no)"
+    assert _ablations.direction({"mrae": 1.005, "psnr": 19.0}, ref, 15.0, 13.1, 0.01) == "tie"
+    assert _ablations.direction(better, ref, 13.1, 13.1, 0.01) == "paper: no change; ours better"
+    assert _ablations.direction(worse, ref, None, 13.1, 0.01).startswith("n/a")
+    assert {n for _, n, *_ in bench.ROWS} == set(mcga_cfg.ABLATIONS)
+    ev = lambda m, p: {"eval": {"mrae": m, "rmse": 0.1, "psnr": p, "sam": 9.0},  # noqa: E731
+                       "params": 10}
+    args = bench.argparse.Namespace(stage1_steps=1, steps=1, crop=16, batch=2, eval_images=1,
+                                    tolerance=0.01)
+    rows = bench.table(args, {"full": ev(1.0, 20.0), "moc_ga": ev(1.5, 18.0),
+                              "moc": ev(1.4, 18.5)}).splitlines()
+    qattn = next(r for r in rows if r.startswith("| + QAttn"))
+    assert "| moc_ga | 13.1 | 18.4 | yes |" in qattn           # full vs moc_ga: better, as paper
+    ga = next(r for r in rows if r.startswith("| + GA"))
+    assert ga.endswith("| moc | 18.4 | 29.8 | no |")             # moc_ga worse than moc
+    assert not any(r.startswith("| plain") for r in rows)       # not trained: left out
+    for argv, msg in ((["--only", "nope"], "unknown 'nope'"), (["--steps", "0"], ">= 1"),
+                      (["--stability"], "needs --workdir"),
+                      (["--stage1", str(tmp_path)], "no config.json")):
+        assert bench.cli(argv + ["--out", str(tmp_path / "o")]) == 2
+        assert msg in capsys.readouterr().err
