@@ -20,9 +20,7 @@ markdown table to stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 # paper (NTIRE-2022 val): MRAE, RMSE, PSNR; Table II "MHA" = MST++
@@ -46,24 +44,6 @@ TABLE = {"full": "II-V", "mha": "II", "no_global": "III", "b_convlstm": "III",
          "patch_4": "V", "patch_8": "V", "patch_32": "V", "patch_64": "V", "window_5": "-"}
 
 
-def direction(ours: dict, ref: dict, paper: tuple | None, paper_ref: tuple, tol: float) -> str:
-    """'yes' / 'no' / 'tie' / 'n/a': does (MRAE, PSNR) move the way the paper's do?"""
-    if paper is None:
-        return "n/a (not in paper)"
-    d_mrae = (ours["mrae"] - ref["mrae"]) / ref["mrae"]
-    if abs(d_mrae) < tol:
-        return "tie"
-    p_worse = paper[0] > paper_ref[0]
-    ours_worse_mrae = d_mrae > 0
-    ours_worse_psnr = ours["psnr"] < ref["psnr"]
-    if ours_worse_mrae == p_worse and ours_worse_psnr == p_worse:
-        return "yes"
-    if ours_worse_mrae == p_worse or ours_worse_psnr == p_worse:
-        return "partly (MRAE " + ("yes" if ours_worse_mrae == p_worse else "no") + \
-               ", PSNR " + ("yes" if ours_worse_psnr == p_worse else "no") + ")"
-    return "no"
-
-
 def stability(size: int = 10, seed: int = 0) -> str:
     """Mean exact ``||J_ij||_2`` against ``|i - j|`` of CCNet's inter-spectral modules at the
     first U-Net level (32 channels = 32 bands, one NeSCM feature channel), seeded random
@@ -71,7 +51,6 @@ def stability(size: int = 10, seed: int = 0) -> str:
     setting of docs/lipschitz.md), with ACC's recurrent coupling on the same input."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from jaxspec import layers
     from jaxspec.analysis import exact_block_norms, synthetic_feature_map
@@ -102,17 +81,10 @@ def stability(size: int = 10, seed: int = 0) -> str:
     inter = Inter()
     v = inter.init(key, x)
     rows["GrSCM + NeSCM + PAF"] = exact_block_norms(lambda z: inter.apply(v, z), x)
-    dists = [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 31]
-    i, j = np.indices((32, 32))
+    from _ablations import decay_table
     lines = [f"Mean exact ||J_ij||_2 over pairs with |i - j| = d; {size}x{size} smooth 32-band "
-             "map in [0, 255], seeded random init (bench/ccnet_ablations.py --stability).", "",
-             "| module | " + " | ".join(f"d={d}" for d in dists) + " | max at d>=16 |",
-             "|" + "---|" * (len(dists) + 2)]
-    for name, norms in rows.items():
-        vals = [norms[np.abs(i - j) == d].mean() for d in dists]
-        far = norms[np.abs(i - j) >= 16].max()
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in vals) + f" | {far:.3g} |")
-    return "\n".join(lines)
+             "map in [0, 255], seeded random init (bench/ccnet_ablations.py --stability).", ""]
+    return "\n".join(lines + decay_table(rows, [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 31]))
 
 
 def flops(full_model: bool = True) -> str:
@@ -162,19 +134,14 @@ def flops(full_model: bool = True) -> str:
 
 
 def main(argv=None) -> int:
+    from _ablations import add_common_args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/ccnet_ablations")
     p.add_argument("--steps", type=int, default=150, help="train steps per variant")
     p.add_argument("--stage", type=int, default=1, help="spectrum reconstruction units "
                    "(the paper's 3 is the cpu preset; 1 keeps the reduced budget short)")
-    p.add_argument("--crop", type=int, default=16)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="default: the cpu preset's")
+    add_common_args(p, crop=16, eval_images=50)
     p.add_argument("--loss", default=None, help="default: the cpu preset's")
-    p.add_argument("--eval-images", type=int, default=50)
-    p.add_argument("--only", default=None, help="comma-separated subset of variants")
-    p.add_argument("--tolerance", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stability", action="store_true",
                    help="print the Jacobian-block decay table instead of training")
     p.add_argument("--flops", action="store_true", help="print XLA FLOPs instead of training")
@@ -186,9 +153,10 @@ def main(argv=None) -> int:
         print(flops())
         return 0
 
+    from _ablations import direction, load_results, train_variant
+
     from jaxspec import registry
     from jaxspec.configs import ccnet as presets
-    from jaxspec.train import train_and_evaluate
 
     names = args.only.split(",") if args.only else list(presets.ABLATIONS)
     for n in names:
@@ -211,25 +179,11 @@ def main(argv=None) -> int:
     base = base.replace(**over)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
     res_file = out / "ablations.json"
-    if res_file.exists():
-        results = json.loads(res_file.read_text()).get("results", {})
+    results = load_results(res_file)
     for n in names:
-        cfg = presets.ablation(n, base, stage=args.stage)
-        key = json.dumps(cfg.to_dict(), sort_keys=True)
-        if n in results and results[n].get("config_key") == key:
-            print(f"{n}: reusing {out / n}", file=sys.stderr)
-            continue
-        t = time.perf_counter()
-        summary = train_and_evaluate(cfg, out / n, resume=True, progress=False, figures=0)
-        wall = time.perf_counter() - t
-        metrics = [json.loads(l) for l in (out / n / "metrics.jsonl").read_text().splitlines()]
-        sps = [m["steps_per_sec"] for m in metrics if "steps_per_sec" in m]
-        results[n] = {"eval": summary["eval"], "params": summary["params"], "wall_s": wall,
-                      "steps_per_sec": sps[-1] if sps else None, "config_key": key}
-        res_file.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-        print(f"{n}: {json.dumps(summary['eval'])} ({wall:.0f} s)", file=sys.stderr, flush=True)
+        train_variant(n, presets.ablation(n, base, stage=args.stage), out / n, results,
+                      res_file, vars(args))
 
     print(f"Budget: {args.steps} steps, crop {args.crop}, batch {args.batch}, stage "
           f"{args.stage}, loss {base.loss}, lr {base.lr}; spectral_scenes validation "
@@ -244,8 +198,8 @@ def main(argv=None) -> int:
         ref_name = "full"
         ref = results[ref_name]["eval"]
         pp = PAPER.get(n)
-        agree = "reference" if n == "full" else direction(e, ref, pp, PAPER[ref_name],
-                                                           args.tolerance)
+        agree = "reference" if n == "full" else direction(
+            e, ref, pp[0] if pp else None, PAPER[ref_name][0], args.tolerance)
         paper_cols = " | ".join(f"{v}" for v in pp) if pp else "- | - | -"
         print(f"| {n} | {TABLE[n]} | {results[n]['params']:,} | {e['mrae']:.4f} | "
               f"{e['rmse']:.4f} | {e['psnr']:.2f} | {e['sam']:.2f} | {paper_cols} | {agree} |")

@@ -19,8 +19,10 @@ from jaxspec import registry
 from jaxspec.configs import ccnet as presets
 from jaxspec.flops import count_params
 from jaxspec.models import ccnet
-from jaxspec.train import losses, optim, steps
-from jaxspec.train.state import TrainState
+from jaxspec.train import losses, steps
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_fixtures import random_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # one CSRM block per unit at the bottleneck (4 heads): the smallest network that has every part
@@ -260,19 +262,6 @@ def test_spectral_difference_loss_matches_numpy():
 
 
 # ---------------------------------------------------------------- ablations, one step each
-def _random_state(model, cfg, seed=0):
-    """A train state whose parameters are drawn on the host (``eval_shape`` + numpy): the
-    initialisers' random-number kernels take longer to compile than the whole tiny step."""
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype),
-                          shapes["params"])
-    tx = optim.make_optimizer(cfg)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      model_state={}, rng=jax.random.PRNGKey(seed), apply_fn=model.apply,
-                      tx=tx)
-
-
 @pytest.mark.parametrize("name", sorted(presets.ABLATIONS))
 def test_each_ablation_builds_and_trains_a_step(name):
     """The engine's supervised step (eager: the primitives compiled for one variant are reused
@@ -281,7 +270,7 @@ def test_each_ablation_builds_and_trains_a_step(name):
     patch = presets.ABLATIONS[name].get("patch", 16) // 2      # TINY's r = 8 stands for 16
     cfg = presets.ablation(name, method.config("smoke"), **{**TINY, "patch": patch})
     model = method.model(cfg)
-    state = _random_state(model, cfg)
+    state = random_state(model, cfg)
     rng = np.random.default_rng(0)
     hsi = jnp.asarray(rng.random((2, 16, 16, 31)) * 0.8 + 0.1, jnp.float32)
     batch = {"rgb": hsi[..., ::10][..., :3], "hsi": hsi}

@@ -321,3 +321,145 @@ def test_interrupted_stage1_stops_before_stage2(monkeypatch, tmp_path):
     out = real(registry.get("mcga").config("smoke"), tmp_path / "m", progress=False)
     assert out == {"preempted": True, "step": 3}
     assert not (tmp_path / "m" / "config.json").exists()
+
+
+# ---------------------------------------------------------------- ablations, one step each
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_fixtures import random_state  # noqa: E402
+
+TINY = dict(width=4, ganet_width=4, top_k=8)
+
+
+def _subtree_names(tree) -> set[str]:
+    return {str(getattr(k, "key", k)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+            for k in p}
+
+
+def _ablation_step(name):
+    """``(state, batch, step)`` of the stage-2 model of ``ablation(name)``: 31 bands, 16x16,
+    tiny widths (top-K scaled with them), 512 codes per run of a mixture, the engine's ``mcga``
+    step kind with ``moc``/``decoder`` frozen."""
+    from jaxspec.train import steps
+    method = registry.get("mcga")
+    over = dict(TINY)
+    if "top_k" in mcga_cfg.ABLATIONS[name]:
+        over["top_k"] = mcga_cfg.ABLATIONS[name]["top_k"] // 32     # 64 -> 2, 512 -> 16
+    if name in mcga_cfg.MIXTURES:
+        over["num_codes"] = 512 * (1 + len(mcga_cfg.MIXTURES[name]))
+    cfg = mcga_cfg.ablation(name, method.config("smoke"), **over)
+    model = method.model(cfg).clone(out_channels=31)
+    state = random_state(model, cfg, tx=steps.make_optimizer_for(cfg, method))
+    rng = np.random.default_rng(0)
+    hsi = jnp.asarray(rng.random((2, 16, 16, 31)) * 0.8 + 0.1, jnp.float32)
+    batch = {"rgb": hsi[..., ::10][..., :3], "hsi": hsi}
+    return cfg, state, batch, steps.build_train_step(model, cfg, method)
+
+
+@pytest.mark.parametrize("name", sorted(mcga_cfg.ABLATIONS))
+def test_each_ablation_builds_and_traces_a_step(name):
+    """Every row of Tables 3-5: the whole train step of ``ablation(name)`` traces
+    (``jax.eval_shape``: shapes, gradients, optimiser, nothing compiled), the modules the row is
+    about are there or gone, and the stage-1 run it needs (``stage1_config``) has the shapes of
+    the parts stage 2 freezes."""
+    cfg, state, batch, step = _ablation_step(name)
+    new, m = jax.eval_shape(step, state, batch)
+    assert m["loss"].shape == () and jax.tree.map(np.shape, new.params) == \
+        jax.tree.map(np.shape, state.params)
+    o = {**mcga_cfg.MODEL, **mcga_cfg.ABLATIONS[name]}
+    ganet = _subtree_names(state.params["ganet"])
+    s = o["scales"]
+    assert f"down{s - 1}" in ganet and f"down{s}" not in ganet
+    assert ("query0" in ganet) == o["use_moc"]
+    assert ("gqa" in ganet) == o["attention"]
+    assert ("code_proj" in ganet) == (o["attention"] and not o["full_attention"])
+    assert ("ga_gamma" in ganet) == o["ga"] and ("ga_linear" in ganet) == o["ga"]
+    assert state.params["moc"]["quantizers_0"]["codebook"].shape[0] == cfg.model["num_codes"]
+
+    vq = registry.get("mcga_vq").model(mcga_cfg.stage1_config(cfg)).clone(
+        in_channels=31, out_channels=31)
+    shapes1 = jax.eval_shape(vq.init, {"params": jax.random.PRNGKey(0),
+                                       "mask": jax.random.PRNGKey(1)}, jnp.zeros((1, 16, 16, 31)))
+    for sub in ("moc", "decoder"):
+        if sub == "moc" and name in mcga_cfg.MIXTURES:     # one run's share of the mixture
+            continue
+        assert jax.tree.map(np.shape, shapes1["params"][sub]) == \
+            jax.tree.map(np.shape, state.params[sub]), sub
+
+
+@pytest.mark.parametrize("name", ["plain"])
+def test_ablation_trains_a_step(name):
+    """One real (jitted) step: finite loss, only GANet moves (the codebooks and decoder are
+    frozen). "plain" (no codebook query, no GA, no attention) in the default leg: the full
+    model's step is already run by the stage-2 test; every other row in the slow leg."""
+    _, state, batch, step = _ablation_step(name)
+    new, m = jax.jit(step)(state, batch)
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+    before, after = _leaves(state.params), _leaves(new.params)
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert moved and all(k.startswith("ganet/") for k in moved), sorted(moved)[:4]
+
+
+@pytest.mark.slow   # ~10-25 s of compilation per variant
+@pytest.mark.parametrize("name", sorted(set(mcga_cfg.ABLATIONS) - {"plain"}))
+def test_ablation_trains_a_step_slow(name):
+    test_ablation_trains_a_step(name)
+
+
+def test_ablation_names_and_code_dim_floor():
+    with pytest.raises(ValueError, match="unknown MCGA ablation"):
+        mcga_cfg.ablation("nope")
+    assert mcga.code_dims(31, 4, min_dim=1) == (4, 2, 1, 1)
+    with pytest.raises(ValueError, match="min_code_dim=1"):
+        mcga.code_dims(31, 4)
+    # the GA-free FFN is the same convolutions, activations and flow with GA_gamma / GA_l
+    # replaced by the identity: gelu(conv_out(concat(x1, x2, xs))) = gelu(conv_out([xs, xs]))
+    from jaxspec.layers import Conv2d
+    x = jax.random.uniform(jax.random.PRNGKey(0), (1, 4, 4, 6))
+    ffn = mcga.GAFFN(ga=False)
+    p = ffn.init(jax.random.PRNGKey(1), x)["params"]
+    assert set(p) == {"conv1", "conv3", "conv_out"}
+    conv = lambda n, k, name, z: Conv2d(n, (k, k)).apply({"params": p[name]}, z)  # noqa: E731
+    xs = mcga.gelu(conv(12, 3, "conv3", conv(6, 1, "conv1", x)))
+    ref = mcga.gelu(conv(6, 1, "conv_out", jnp.concatenate([xs, xs], -1)))
+    np.testing.assert_allclose(ffn.apply({"params": p}, x), ref, rtol=1e-5, atol=1e-6)
+    with_ga = mcga.GAFFN(ga=True)
+    pg = with_ga.init(jax.random.PRNGKey(1), x)["params"]
+    assert {"ga_gamma", "ga_log"} <= set(pg)
+    assert not np.allclose(with_ga.apply({"params": pg}, x), ref, atol=1e-3)
+
+
+def test_ablation_bench_direction_table_and_bad_options(tmp_path, capsys):
+    """bench/mcga_ablations.py: the direction column, the table (every row against its
+    reference, the ladder rung by rung) and one-line errors (exit 2) before any training."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import _ablations
+    import mcga_ablations as bench
+    ref = {"mrae": 1.0, "psnr": 20.0}
+    worse, better = {"mrae": 1.2, "psnr": 19.0}, {"mrae": 0.8, "psnr": 21.0}
+    assert _ablations.direction(worse, ref, 15.0, 13.1, 0.01) == "yes"
+    assert _ablations.direction(better, ref, 15.0, 13.1, 0.01) == "no"
+    assert _ablations.direction({"mrae": 1.2, "psnr": 21.0}, ref, 15.0, 13.1, 0.01) == \
+        "partly (MRAE yes, PSNR no)"
+    assert _ablations.direction({"mrae": 1.005, "psnr": 19.0}, ref, 15.0, 13.1, 0.01) == "tie"
+    assert _ablations.direction(better, ref, 13.1, 13.1, 0.01) == "paper: no change; ours better"
+    assert _ablations.direction(worse, ref, None, 13.1, 0.01).startswith("n/a")
+    assert {n for _, n, *_ in bench.ROWS} == set(mcga_cfg.ABLATIONS)
+    ev = lambda m, p: {"eval": {"mrae": m, "rmse": 0.1, "psnr": p, "sam": 9.0},  # noqa: E731
+                       "params": 10}
+    args = bench.argparse.Namespace(stage1_steps=1, steps=1, crop=16, batch=2, eval_images=1,
+                                    tolerance=0.01)
+    rows = bench.table(args, {"full": ev(1.0, 20.0), "moc_ga": ev(1.5, 18.0),
+                              "moc": ev(1.4, 18.5)}).splitlines()
+    qattn = next(r for r in rows if r.startswith("| + QAttn"))
+    assert "| moc_ga | 13.1 | 18.4 | yes |" in qattn           # full vs moc_ga: better, as paper
+    ga = next(r for r in rows if r.startswith("| + GA"))
+    assert ga.endswith("| moc | 18.4 | 29.8 | no |")             # moc_ga worse than moc
+    assert not any(r.startswith("| plain") for r in rows)       # not trained: left out
+    for argv, msg in ((["--only", "nope"], "unknown 'nope'"), (["--steps", "0"], ">= 1"),
+                      (["--stability"], "needs --workdir"),
+                      (["--stage1", str(tmp_path)], "no config.json")):
+        assert bench.cli(argv + ["--out", str(tmp_path / "o")]) == 2
+        assert msg in capsys.readouterr().err

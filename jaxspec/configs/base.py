@@ -222,3 +222,13 @@ def make_preset(method: str, preset: str, model: Mapping[str, Any], base: Mappin
     """``Config(method, preset, model, **base, **own)``: ``own`` overrides ``base`` (a copy of the
     ``model`` mapping is taken so presets never share it)."""
     return Config(method=method, preset=preset, model=dict(model), **{**dict(base), **own})
+
+
+def ablation_of(base: Config, ablations: Mapping[str, Mapping[str, Any]], name: str,
+                what: str, **model_overrides: Any) -> Config:
+    """``base`` with its ``model`` options updated by ``ablations[name]`` and then
+    ``model_overrides`` (the ablation tables of ``jaxspec.configs.<method>``; ``what`` names the
+    method in the error for an unknown ``name``)."""
+    if name not in ablations:
+        raise ValueError(f"unknown {what} ablation {name!r}; available: {sorted(ablations)}")
+    return base.replace(model={**dict(base.model), **ablations[name], **model_overrides})

@@ -17,9 +17,10 @@ one entry of :data:`ABLATIONS` (model options of ``jaxspec.models.ccnet.CCNet``,
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
-from jaxspec.configs.base import CPU_BUILTIN, PAPER_ARAD1K, SMOKE, Config, make_preset
+from jaxspec.configs.base import (CPU_BUILTIN, PAPER_ARAD1K, SMOKE, Config, ablation_of,
+                                  make_preset)
 
 MODEL = dict(in_channels=3, out_channels=31, n_feat=32, stage=3, num_blocks=(1, 1, 1),
              groups=4, window=3, patch=16, attention="grscm", global_model="nescm",
@@ -66,8 +67,5 @@ def smoke() -> Config:
 def ablation(name: str, base: Config | None = None, **model_overrides: Any) -> Config:
     """``base`` (default: the ``cpu`` preset) with the model options of ``ABLATIONS[name]``
     (and ``model_overrides``, e.g. ``stage=1`` for a reduced budget)."""
-    if name not in ABLATIONS:
-        raise ValueError(f"unknown CCNet ablation {name!r}; available: {sorted(ABLATIONS)}")
-    base = base if base is not None else cpu()
-    model: Mapping[str, Any] = {**dict(base.model), **ABLATIONS[name], **model_overrides}
-    return base.replace(model=dict(model))
+    return ablation_of(base if base is not None else cpu(), ABLATIONS, name, "CCNet",
+                       **model_overrides)

@@ -10,13 +10,19 @@ a stage-1 (or mixture-of-codebooks) workdir.
   ``vq_commit: 2 beta^2``. Stage-2 loss: Charbonnier only (no VQ loss: the codebooks are frozen).
 * Stage 2 freezes ``moc`` (codebooks) and ``decoder`` (Alg. 2); test-time adaptation (off by
   default, ``adapt_steps``) updates only the GA attention Linear layers (Eq. 6).
+* Ablations (Tables 3-5): :data:`ABLATIONS` (stage-2 model options, :func:`ablation`) and
+  :data:`MIXTURES` (extra stage-1 datasets whose codebooks join the reference's); options in
+  :data:`SHARED_MODEL_KEYS` (``scales``, ``min_code_dim``) need their own stage-1 run
+  (:func:`stage1_config`). ``python bench/mcga_ablations.py`` trains them all.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
-from jaxspec.configs.base import CPU_BUILTIN, PAPER_ARAD1K, SMOKE, Config, make_preset
+from jaxspec.configs.base import (CPU_BUILTIN, PAPER_ARAD1K, SMOKE, Config, ablation_of,
+                                  make_preset)
 
 log = logging.getLogger("jaxspec.mcga")
 
@@ -24,9 +30,10 @@ BETA = 0.25
 SCALES = 2
 WIDTH = 32          # stage-1 encoder/decoder width (stage 2 reuses the decoder: keep equal)
 
-VQ_MODEL = dict(scales=SCALES, num_codes=512, width=WIDTH, random_mask=True)
+VQ_MODEL = dict(scales=SCALES, num_codes=512, width=WIDTH, random_mask=True, min_code_dim=0)
 MODEL = dict(scales=SCALES, num_codes=512, width=WIDTH, ganet_width=29, enc_blocks=0,
-             dec_blocks=1, top_k=256, full_attention=False, use_moc=True)
+             dec_blocks=1, top_k=256, full_attention=False, use_moc=True, attention=True,
+             ga=True, min_code_dim=0)
 
 VQ_LOSS = dict(loss="charbonnier", aux_loss_weights={"vq_embed": 2 * BETA,
                                                      "vq_commit": 2 * BETA * BETA})
@@ -38,9 +45,44 @@ STAGE2 = dict(loss="charbonnier", frozen=("^moc/", "^decoder/"), adapt_params=("
 CPU_SCHEDULE = dict(crop=32, batch_size=8, steps=3000, lr=2e-3, warmup_steps=150,
                     eval_every=1000, ckpt_every=1000)
 # model options stage 2 must share with the stage-1 (or mixture) run whose parts it freezes
-SHARED_MODEL_KEYS = ("num_codes", "width", "scales", "interface_width")
+SHARED_MODEL_KEYS = ("num_codes", "width", "scales", "interface_width", "min_code_dim")
 PAPER = dict(PAPER_ARAD1K, optimizer="adamw", lr=4e-4, weight_decay=1e-2, crop=128,
              batch_size=16, rgb_norm="minmax")
+
+
+# ----------------------------------------------------------------------------- ablations
+# The paper's Tables 3-5 (S = 2, top-K 16^2 = 256 and the full model are the reference
+# "full") as options of jaxspec.models.mcga.MCGA. "Plain GANet" keeps GANet's convolutions,
+# activations and flow: no codebook query in the decoder (use_moc), no GA operations (ga: the
+# identity in their place), no attention in the GABlocks (attention); the frozen stage-1 Alg. 2
+# decoder stays (it is the output head). 31 bands give C^m = 8, so S = 4 floors the code dim
+# of the coarsest scale at 1 (min_code_dim) and needs H, W multiples of 16.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "scales_1": {"scales": 1},                               # Table 3
+    "scales_3": {"scales": 3},
+    "scales_4": {"scales": 4, "min_code_dim": 1},
+    "topk_64": {"top_k": 64},                                # Table 4: 8^2 (16^2 = full)
+    "topk_512": {"top_k": 512},                              # all 512 codes (>= 32^2)
+    "plain": {"use_moc": False, "ga": False, "attention": False},   # Table 5 ladder
+    "moc": {"ga": False, "attention": False},                # + MoC
+    "moc_ga": {"attention": False},                          # + GA  (+ QAttn = full)
+    "full_attn": {"full_attention": True},                   # Table 5: full attention
+    "mixture": {},                                           # + a second dataset's codebook
+}
+# the datasets of the further stage-1 runs whose codebooks are concatenated after the
+# reference run's (python -m jaxspec.moc; the reference's encoder/decoder are kept)
+MIXTURES: dict[str, tuple[dict[str, Any], ...]] = {
+    "mixture": ({"dataset": "cave", "dataset_config": None},),
+}
+
+
+def ablation(name: str, base: Config | None = None, **model_overrides: Any) -> Config:
+    """``base`` (default: the stage-2 ``cpu`` preset) with the model options of
+    ``ABLATIONS[name]`` (and ``model_overrides``). Stage 2 still needs :func:`stage2` on the
+    stage-1 run of :func:`stage1_config` of the result (or on a mixture, :data:`MIXTURES`)."""
+    return ablation_of(base if base is not None else cpu(), ABLATIONS, name, "MCGA",
+                       **model_overrides)
 
 
 # ----------------------------------------------------------------------------- stage 1

@@ -48,12 +48,15 @@ def masked_bands(channels: int) -> int:
     return 2 ** int(math.floor(math.log2(channels / 2)))
 
 
-def code_dims(channels: int, scales: int) -> tuple[int, ...]:
-    """Code dimension ``C^m / 2^i`` of scale i = 1..S."""
+def code_dims(channels: int, scales: int, min_dim: int = 0) -> tuple[int, ...]:
+    """Code dimension ``C^m / 2^i`` of scale i = 1..S, at least ``min_dim`` (0: literal, so
+    ``C^m < 2^S`` is an error; 1 lets 31 bands (C^m = 8) have S = 4 with code dim 1 at the
+    coarsest scale, what the paper's ARAD S = 4 ablation needs)."""
     cm = masked_bands(channels)
-    dims = tuple(cm // 2 ** i for i in range(1, scales + 1))
+    dims = tuple(max(cm // 2 ** i, min_dim) for i in range(1, scales + 1))
     if min(dims) < 1:
-        raise ValueError(f"{scales} scales need C^m = {cm} >= 2^{scales} (C = {channels} bands)")
+        raise ValueError(f"{scales} scales need C^m = {cm} >= 2^{scales} (C = {channels} bands; "
+                         f"min_code_dim=1 floors the code dims at 1)")
     return dims
 
 
@@ -106,14 +109,16 @@ class VectorQuantizer(nn.Module):
     num_codes: int
     dim: int
 
-    @nn.compact
+    def setup(self):
+        self.codebook = self.param("codebook", nn.initializers.normal(1.0),
+                                   (self.num_codes, self.dim))
+
     def __call__(self, z):
         if z.shape[-1] != self.dim:
             raise ValueError(f"quantizer of dim {self.dim} got vectors of dim {z.shape[-1]}")
-        codebook = self.param("codebook", nn.initializers.normal(1.0), (self.num_codes, self.dim))
-        d2 = sq_distances(z, codebook)
+        d2 = sq_distances(z, self.codebook)
         idx = jnp.argmin(d2, axis=-1)
-        q = jnp.take(codebook, idx, axis=0)
+        q = jnp.take(self.codebook, idx, axis=0)
         _sow_entropy(self, d2)
         embed, commit = vq_losses(z, q)
         info = {"idx": idx, "d2": d2, "q": q, "embed": embed, "commit": commit}
@@ -148,7 +153,7 @@ class MoC(nn.Module):
         return self.quantizers[i](z)
 
     def codebook(self, i: int):
-        return self.quantizers[i].variables["params"]["codebook"]
+        return self.quantizers[i].codebook
 
 
 def _resize(x, size: tuple[int, int]):
@@ -252,9 +257,10 @@ class MCGAVQ(nn.Module):
     width: int = 32
     random_mask: bool = True      # random band subset per image at train time (Alg. 1 Mask)
     interface_width: int = 0      # channels of H_i^d (0: the code dims; see MoC)
+    min_code_dim: int = 0         # floor of the code dims (see code_dims)
 
     def setup(self):
-        self.dims = code_dims(self.in_channels, self.scales)
+        self.dims = code_dims(self.in_channels, self.scales, self.min_code_dim)
         self.moc = MoC(self.dims, self.num_codes, self.interface_width)
         self.encoder = MSQuantization(self.dims, self.width)
         self.decoder = MSReconstruction(self.out_channels, self.width)
@@ -333,14 +339,18 @@ class GALog(nn.Module):
 
 
 class GAFFN(nn.Module):
-    """Eq. 14-16: ``X_s = GELU(Conv3(Conv1(X)))`` (2C), split, ``GA_gamma``/``GA_l``, 4C -> C."""
+    """Eq. 14-16: ``X_s = GELU(Conv3(Conv1(X)))`` (2C), split, ``GA_gamma``/``GA_l``, 4C -> C.
+    ``ga=False`` (ablation): the two halves pass unchanged (same convs, activations and flow)."""
+    ga: bool = True
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
         xs = gelu(Conv2d(2 * c, (3, 3), name="conv3")(Conv2d(c, (1, 1), name="conv1")(x)))
         x1, x2 = jnp.split(xs, 2, axis=-1)
-        y = jnp.concatenate([GAGamma(name="ga_gamma")(x1), GALog(name="ga_log")(x2), xs], -1)
+        if self.ga:
+            x1, x2 = GAGamma(name="ga_gamma")(x1), GALog(name="ga_log")(x2)
+        y = jnp.concatenate([x1, x2, xs], -1)
         return gelu(Conv2d(c, (1, 1), name="conv_out")(y))
 
 
@@ -367,11 +377,12 @@ class GQA(nn.Module):
     (frozen) codebook through a 1x1 projection C -> code dim; ``Q^``, ``K^`` (K x C) are the
     cluster means of the ``top_k`` most frequent codes; ``Q~ = GA_l(Q^)``;
     ``A = softmax(Q~^T K^ / sqrt(C))`` (C x C); ``out = A V``. ``full_attention``: Q^ = Q, K^ = K
-    over all HW pixels (the paper's "Full-attn" ablation)."""
+    over all HW pixels (the paper's "Full-attn" ablation); ``ga=False``: ``Q~ = Q^``."""
     code_dim: int
     num_codes: int
     top_k: int = 256
     full_attention: bool = False
+    ga: bool = True
 
     @nn.compact
     def __call__(self, x, codebook):
@@ -393,7 +404,7 @@ class GQA(nn.Module):
             qh, qmask = clusters(q)
             kh, kmask = clusters(k)
             kh = kh * kmask[..., None]
-        qt = GALog(name="ga_log")(qh, qmask)
+        qt = GALog(name="ga_log")(qh, qmask) if self.ga else qh
         if qmask is not None:
             qt = qt * qmask[..., None]
         attn = jax.nn.softmax(jnp.einsum("bkc,bkd->bcd", qt, kh) / math.sqrt(c), axis=-1)
@@ -401,16 +412,21 @@ class GQA(nn.Module):
 
 
 class GABlock(nn.Module):
+    """``x + GQA(LN(x))`` (left out with ``attention=False``), ``x + GA-FFN(LN(x))``; ``ga``
+    switches the GA operations of both (the ablation ladder of Table 5)."""
     code_dim: int
     num_codes: int
     top_k: int = 256
     full_attention: bool = False
+    attention: bool = True
+    ga: bool = True
 
     @nn.compact
     def __call__(self, x, codebook):
-        x = x + GQA(self.code_dim, self.num_codes, self.top_k, self.full_attention,
-                    name="gqa")(LayerNorm(name="norm1")(x), codebook)
-        return x + GAFFN(name="ffn")(LayerNorm(name="norm2")(x))
+        if self.attention:
+            x = x + GQA(self.code_dim, self.num_codes, self.top_k, self.full_attention, self.ga,
+                        name="gqa")(LayerNorm(name="norm1")(x), codebook)
+        return x + GAFFN(self.ga, name="ffn")(LayerNorm(name="norm2")(x))
 
 
 class GANet(nn.Module):
@@ -429,18 +445,24 @@ class GANet(nn.Module):
     top_k: int = 256
     full_attention: bool = False
     use_moc: bool = True          # ablation "plain GANet": no codebook query in the decoder
+    attention: bool = True        # ablation: GABlocks without their (quantised) attention
+    ga: bool = True               # ablation: GA operations replaced by the identity
 
     @nn.compact
     def __call__(self, rgb, moc: MoC):
         s = len(self.dims)
+
+        def block(i, name):
+            return GABlock(self.dims[i], self.num_codes, self.top_k, self.full_attention,
+                           self.attention, self.ga, name=name)
+
         widths = [self.width * 2 ** (i + 1) for i in range(s)]
         x = Conv2d(self.width, (3, 3), use_bias=True, name="embed")(rgb)
         skips = []
         for i in range(s):
             x = Conv2d(widths[i], (4, 4), strides=2, padding=((1, 2), (1, 2)), name=f"down{i}")(x)
             for j in range(self.enc_blocks):
-                x = GABlock(self.dims[i], self.num_codes, self.top_k, self.full_attention,
-                            name=f"enc{i}_block{j}")(x, moc.codebook(i))
+                x = block(i, f"enc{i}_block{j}")(x, moc.codebook(i))
             skips.append(x)
         out = [None] * s
         y = skips[-1]
@@ -454,8 +476,7 @@ class GANet(nn.Module):
                 y = Conv2d(widths[i], (1, 1), use_bias=True, name=f"fuse{i}")(
                     jnp.concatenate([y, hq], -1))
             for j in range(self.dec_blocks):
-                y = GABlock(self.dims[i], self.num_codes, self.top_k, self.full_attention,
-                            name=f"dec{i}_block{j}")(y, moc.codebook(i))
+                y = block(i, f"dec{i}_block{j}")(y, moc.codebook(i))
             out[i] = Conv2d(moc.feature_dim(i), (1, 1), use_bias=True, name=f"out{i}")(y)
         return out
 
@@ -475,13 +496,17 @@ class MCGA(nn.Module):
     top_k: int = 256
     full_attention: bool = False
     use_moc: bool = True
+    attention: bool = True
+    ga: bool = True
     interface_width: int = 0      # channels of H_i^d (must match the stage-1 run; see MoC)
+    min_code_dim: int = 0         # floor of the code dims (must match the stage-1 run)
 
     def setup(self):
-        self.dims = code_dims(self.out_channels, self.scales)
+        self.dims = code_dims(self.out_channels, self.scales, self.min_code_dim)
         self.moc = MoC(self.dims, self.num_codes, self.interface_width)
         self.ganet = GANet(self.dims, self.num_codes, self.ganet_width, self.enc_blocks,
-                           self.dec_blocks, self.top_k, self.full_attention, self.use_moc)
+                           self.dec_blocks, self.top_k, self.full_attention, self.use_moc,
+                           self.attention, self.ga)
         self.decoder = MSReconstruction(self.out_channels, self.width)
 
     def __call__(self, rgb, train: bool = False):
