@@ -186,6 +186,7 @@ def _output_energy(apply_fn, variables, inputs):
     return jax.numpy.mean(apply_fn(variables, inputs["rgb"], train=False) ** 2)
 
 
+@pytest.mark.slow   # trains a tiny run: once (slow leg), not once per Python
 def test_tta_is_adapt(tiny_data, tmp_path, capsys):
     """``--tta`` is ``--adapt`` in ``jaxspec.evaluate`` and ``jaxspec.predict``: the same eval
     JSON and the same cubes, and both differ from no adaptation (so the option is not

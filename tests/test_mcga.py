@@ -155,6 +155,7 @@ def _leaves(tree, prefix=""):
             for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow   # ~1 min of training: run once (slow leg), not once per Python
 def test_stage2_frozen_codebooks_decoder_and_tta(stage1, tmp_path):
     import jaxspec
     from jaxspec import inference, tasks
@@ -242,6 +243,7 @@ def test_train_py_mcga_trains_stage1_first_then_reuses_it(tiny_data, tmp_path):
     assert max(json.loads(line).get("step", 0) for line in lines) == 3
 
 
+@pytest.mark.slow   # ~1 min of training: run once (slow leg), not once per Python
 def test_mixture_of_codebooks_command_and_stage2_on_it(stage1, tmp_path, capsys):
     """``python -m jaxspec.moc`` concatenates the codebooks of stage-1 runs (512 N codes per
     scale), keeps the first run's encoder/decoder, refuses runs that do not mix; stage 2
@@ -392,8 +394,8 @@ def test_each_ablation_builds_and_traces_a_step(name):
 @pytest.mark.parametrize("name", ["plain"])
 def test_ablation_trains_a_step(name):
     """One real (jitted) step: finite loss, only GANet moves (the codebooks and decoder are
-    frozen). "plain" (no codebook query, no GA, no attention) in the default leg: the full
-    model's step is already run by the stage-2 test; every other row in the slow leg."""
+    frozen). "plain" (no codebook query, no GA, no attention) in the default leg; the full
+    model's step is run by the stage-2 test and every other row here, both in the slow leg."""
     _, state, batch, step = _ablation_step(name)
     new, m = jax.jit(step)(state, batch)
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
