@@ -429,13 +429,10 @@ def _main(argv=None) -> int:
 
 
 def _estimate_line(est: dict) -> str:
-    """One console line for a method's ``photo_info`` (full record in the sidecar JSON)."""
-    if "camera" in est:
-        others = ", ".join(f"{t['camera']} {t['weight']:.3f}" for t in est.get("top", [])[1:])
-        n = est.get("dictionary_size")
-        return (f"estimated camera {est['camera']} (weight {est['weight']:.3f}"
-                + (f"; next: {others}" if others else "")
-                + (f"; {n} cameras, uniform {1 / n:.3f}" if n else "") + ")")
+    """One console line for a method's ``photo_info``: its ``summary`` when it gives one, else
+    its scalar fields (the full record goes to the sidecar JSON)."""
+    if "summary" in est:
+        return str(est["summary"])
     return ", ".join(f"{k}={v}" for k, v in est.items() if not isinstance(v, (list, dict)))
 
 

@@ -57,7 +57,8 @@ class Method:
     before_training: Callable[..., Config] | None = None
     # What ``python -m jaxspec.predict`` reports about each input besides the prediction:
     # fn(module, variables, x) -> JSON-able dict (x: the model input of one image, (H, W, C)),
-    # written into the output's sidecar under "estimate" and summarised on the console
+    # written into the output's sidecar under "estimate"; its "summary" string (if any)
+    # is printed on the console
     # (e.g. USSR: which camera of its SRF dictionary it thinks took the photo).
     photo_info: Callable[..., Mapping[str, Any]] | None = None
 

@@ -1355,15 +1355,14 @@ def camera_estimate(module: "USSR", variables, rgb, top: int = 3) -> dict:
     small = _area_downscale(x, CAMERA_ESTIMATE_SIDE)
     w = np.asarray(module.apply(variables, jnp.asarray(small)[None],
                                 method=USSR.estimate_srf_weights))[0]          # (N, 3)
-    names = load_srf_dictionary(module.srf_dictionary).names
+    d = load_srf_dictionary(module.srf_dictionary)
+    names = d.names
     probs = np.asarray(jax.nn.softmax(jnp.asarray(w), axis=0))                 # over cameras
     mean = probs.mean(axis=1)
     order = np.argsort(-mean)
-    amp = 1.0 / (1.0 + np.exp(-w))
-    amp = amp.mean(axis=0) / amp.mean()
-    srf = np.asarray(combine_srf(jnp.asarray(w)[None],
-                                 jnp.asarray(load_srf_dictionary(module.srf_dictionary)
-                                             .curves)))[0]
+    srf = np.asarray(combine_srf(jnp.asarray(w)[None], jnp.asarray(d.curves)))[0]
+    amp = srf.sum(axis=0)     # dictionary columns sum to 1, so a column of srf sums to Eq. 6's
+    others = ", ".join(f"{names[i]} {mean[i]:.3f}" for i in order[1:top])
     return {"camera": names[order[0]], "weight": round(float(mean[order[0]]), 4),
             "top": [{"camera": names[i], "weight": round(float(mean[i]), 4)}
                     for i in order[:top]],
@@ -1371,7 +1370,10 @@ def camera_estimate(module: "USSR", variables, rgb, top: int = 3) -> dict:
                             for k, ch in enumerate("RGB")},
             "amplitude": [round(float(a), 4) for a in amp],
             "srf": np.round(srf, 6).tolist(), "dictionary_size": len(names),
-            "estimated_on": list(small.shape[:2])}
+            "estimated_on": list(small.shape[:2]),
+            "summary": (f"estimated camera {names[order[0]]} (weight {mean[order[0]]:.3f}"
+                        + (f"; next: {others}" if others else "")
+                        + f"; {len(names)} cameras, uniform {1 / len(names):.3f})")}
 
 
 def _register():
