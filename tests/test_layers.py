@@ -152,6 +152,60 @@ def test_depthwise_impls_agree_values_and_grads(ksize, padding):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("ksize,padding", [
+    ((3, 3), "SAME"), ((4, 4), "SAME"), ((3, 5), ((2, 0), (1, 3))), ((3, 3), ((3, 2), (0, 4)))])
+def test_depthwise_shift_custom_jvp_forward_mode_and_second_order(ksize, padding):
+    # the shift path has a hand-written JVP (layers._dw_shift): forward mode (what
+    # jaxspec.analysis uses), second derivatives and negative transposed padding (p > k - 1)
+    # must equal the grouped convolution's autodiff
+    x = jnp.asarray(RNG.normal(size=(2, 6, 7, 3)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=ksize + (3,)), jnp.float32)
+    tx = jnp.asarray(RNG.normal(size=x.shape), jnp.float32)
+    tk = jnp.asarray(RNG.normal(size=k.shape), jnp.float32)
+
+    def f(impl):
+        return lambda x_, k_: L.depthwise_conv(x_, k_, padding, impl=impl)
+
+    _, js = jax.jvp(f("shift"), (x, k), (tx, tk))
+    _, jl = jax.jvp(f("lax"), (x, k), (tx, tk))
+    np.testing.assert_allclose(js, jl, atol=1e-5, rtol=1e-5)
+    w = jnp.asarray(RNG.normal(size=js.shape), jnp.float32)
+
+    def hess(impl):
+        return jax.hessian(lambda k_: jnp.sum(w * f(impl)(x, k_)) ** 2)(k)
+
+    np.testing.assert_allclose(hess("shift"), hess("lax"), rtol=1e-4, atol=1e-3)
+
+
+def test_shift_depthwise_and_gelu_keep_one_residual_in_reverse_mode():
+    # reverse mode must keep x (GELU: gelu'(x)), not the kh*kw shifted slices of the padded
+    # input: the residuals are the leaves of the function jax.vjp returns
+    x = jnp.asarray(RNG.normal(size=(2, 32, 32, 16)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(3, 3, 16)), jnp.float32)
+
+    def residual_bytes(f, *args):
+        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(jax.vjp(f, *args)[1]))
+
+    def plain_dw(x_, k_):                         # the literal shift-adds, plain autodiff
+        xp = jnp.pad(x_, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return sum(xp[:, u:u + 32, v:v + 32] * k_[u, v] for u in range(3) for v in range(3))
+
+    def plain_gelu(x_):
+        return x_ * (0.5 * (1.0 + jax.lax.erf(x_ / np.sqrt(2.0))))
+
+    dw = functools.partial(L.depthwise_conv, impl="shift")
+    assert residual_bytes(plain_dw, x, k) >= 8 * x.nbytes
+    assert residual_bytes(dw, x, k) <= 1.2 * x.nbytes + k.nbytes      # padded x (34^2/32^2)
+    assert residual_bytes(plain_gelu, x) >= 2 * x.nbytes
+    assert residual_bytes(L.gelu, x) <= x.nbytes
+    w = jnp.asarray(RNG.normal(size=x.shape), jnp.float32)
+    g_new = jax.grad(lambda x_, k_: jnp.sum(w * L.gelu(dw(L.gelu(x_), k_))), (0, 1))(x, k)
+    g_old = jax.grad(lambda x_, k_: jnp.sum(w * plain_gelu(plain_dw(plain_gelu(x_), k_))),
+                     (0, 1))(x, k)
+    for a, b in zip(g_new, g_old):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_depthwise_matches_numpy_and_accepts_layouts():
     x = RNG.normal(size=(1, 6, 7, 4)).astype(np.float32)
     k3 = RNG.normal(size=(3, 3, 4)).astype(np.float32)
@@ -209,6 +263,11 @@ def test_depthwise_module_layout_independent_of_impl_and_equals_grouped_conv():
 def test_gelu_is_exact_and_layernorm_is_torch_like():
     x = np.linspace(-4, 4, 101)
     np.testing.assert_allclose(L.gelu(jnp.asarray(x, jnp.float32)), np_gelu(x), atol=2e-6)
+    # custom JVP (one residual): first and second derivatives equal jax.nn.gelu's exact form
+    xj = jnp.asarray(x, jnp.float32)
+    exact = functools.partial(jax.nn.gelu, approximate=False)
+    for d in (jax.grad, lambda f: jax.grad(jax.grad(f))):
+        np.testing.assert_allclose(jax.vmap(d(L.gelu))(xj), jax.vmap(d(exact))(xj), atol=2e-6)
     # the tanh approximation differs by ~1e-3 -- the test would catch nn.gelu
     assert np.max(np.abs(np.asarray(nn.gelu(jnp.asarray(x, jnp.float32))) - np_gelu(x))) > 1e-4
     xs = (RNG.normal(size=(2, 3, 3, 7)) * 0.01 + 5.0).astype(np.float32)  # large mean, small var

@@ -411,7 +411,7 @@ class SeparableConv(nn.Module):
         dw = self.param("dw", layers.torch_kernel_init(in_axis=-2, out_axis=-1), (k, k, 1, c))
         y = depthwise_conv_strided(x, dw[:, :, 0, :], self.stride, self.padding, self.impl)
         pw = self.param("pw", layers.torch_kernel_init(), (1, 1, c, self.features))
-        return jnp.einsum("...c,co->...o", y, pw[0, 0])
+        return layers.pointwise(y, pw[0, 0])
 
 
 class MSSSF(nn.Module):
@@ -509,7 +509,7 @@ class ACCNet(nn.Module):
         # pointwise output conv, zero-initialised: at initialisation the prediction is the
         # stem's linear RGB -> spectrum map and the transformer body learns the residual.
         w_out = self.param("out", nn.initializers.zeros, (self.dim, self.out_channels))
-        out = jnp.einsum("bhwc,co->bhwo", fea, w_out) + stem
+        out = layers.pointwise(fea, w_out) + stem
         return layers.crop_to(out, (h, w))
 
 
