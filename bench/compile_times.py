@@ -1,4 +1,4 @@
-"""Compile time of every registered method: full-size inference and the train step.
+"""Compile time of every registered RGB->HSI method: full-size inference and the train step.
 
     python bench/compile_times.py                      # every method, paper crop/batch
     python bench/compile_times.py --methods mstpp acc --preset cpu
@@ -69,7 +69,7 @@ def compile_times(name: str, preset: str, height: int, width: int) -> dict:
     params = variables["params"]
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                        opt_state=jax.eval_shape(tx.init, params),
-                       batch_stats=variables.get("batch_stats", {}),
+                       model_state={k: v for k, v in variables.items() if k != "params"},
                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32), apply_fn=model.apply, tx=tx)
     b, c = cfg.batch_size, cfg.crop
     batch = {"rgb": jax.ShapeDtypeStruct((b, c, c, 3), jnp.float32),
@@ -93,10 +93,14 @@ def main(argv=None) -> int:
     import _cli
     import jax
 
-    from jaxspec import registry
-    names = a.methods or registry.names()
+    from jaxspec import registry, tasks
+    rgb2hsi = [n for n in registry.names() if tasks.of(registry.get(n)).name == "rgb2hsi"]
+    names = a.methods or rgb2hsi
     for name in names:                      # names and presets checked before compiling
         registry.get(name).config(a.preset)
+        if name not in rgb2hsi:
+            raise _cli.UsageError(f"--methods: {name!r} is not an RGB->HSI method; this bench "
+                                  f"times the rgb2hsi ones: {', '.join(rgb2hsi)}")
     _cli.positive("--height", a.height)
     _cli.positive("--width", a.width)
     if a.json:

@@ -16,7 +16,10 @@ PyTorch model's random init converted by ``jaxspec.convert``; outputs are checke
 * **train step**: forward + MRAE loss (``mean(|pred - gt| / gt)``, the official ``Loss_MRAE``)
   + backward + Adam(4e-4) update, at ``--crop`` x ``--crop`` x ``--batch``; the JAX step is
   ``jax.jit(value_and_grad + optax.adam)`` with the state donated (the same work as the torch
-  step; the engine's step adds only norms for logging).
+  step; the engine's step adds only norms for logging). Each framework's step runs in a worker
+  process of its own (at the paper's batch each needs 12-14 GiB at its peak, more than one
+  process can hold on a 24 GiB machine), driven alternately from this one; peak RSS of each
+  is printed.
 * **alternating**: each repeat times torch then jax (order flipped every repeat), with a pause
   between so OpenMP spin-waiting does not overlap; medians, min/max and the ratio
   ``torch / jax`` (> 1: jaxspec faster) are printed. The machine may be shared: the 1-minute
@@ -160,21 +163,74 @@ def main(argv=None) -> int:
               f"{res['matmul_peak_gflops']:.1f} GFLOP/s")
 
     if a.what in ("train", "both"):
-        b, c = a.batch, a.crop
-        rgb = rng.uniform(0, 1, (b, c, c, 3)).astype(np.float32)
-        hsi = rng.uniform(0.1, 0.9, (b, c, c, 31)).astype(np.float32)
+        # one worker process per framework, alternating: the two train steps at the paper's
+        # batch need ~12-14 GiB each at their peak, more than fits in one process here
+        del official
+        st, sj, first, compile_s = _train_alternating(a, cpus)
+        res["train_first_loss"] = first
+        res["train_jax_compile_s"] = compile_s
+        print(f"train step {a.batch}x{a.crop}x{a.crop}: first MRAE torch {first['torch']:.6f} "
+              f"jax {first['jax']:.6f} (jax compile {compile_s:.1f} s; one worker process each)")
+        report("train", st, sj)
+        res["train_batch"], res["train_crop"] = a.batch, a.crop
+        res["train_peak_rss_mib"] = {k: v for k, v in first.items() if k.endswith("rss_mib")}
+        print(f"train peak RSS: torch {first['torch_rss_mib']:.0f} MiB, "
+              f"jax {first['jax_rss_mib']:.0f} MiB")
+
+    res["load_after"] = os.getloadavg()[0]
+    try:
+        import resource
+        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:  # pragma: no cover
+        pass
+    print(f"load avg after: {os.getloadavg()}, peak RSS {res.get('peak_rss_mib', 0):.0f} MiB")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus) -> None:
+    """Child process: build one framework's MST++ train step (same weights and data in both:
+    torch seed 0, numpy seed 0), then answer each ``"step"`` message with the seconds one step
+    took; the first answer is ``(first loss, compile seconds)``."""
+    import resource
+
+    os.sched_setaffinity(0, cpus)
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+    import torch
+
+    from jaxspec import convert
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    official = convert.load_module_from_file(
+        convert.reference_code("mstpp/MST_Plus_Plus.py")).MST_Plus_Plus()
+    rng = np.random.default_rng(1)
+    rgb = rng.uniform(0, 1, (batch, crop, crop, 3)).astype(np.float32)
+    hsi = rng.uniform(0.1, 0.9, (batch, crop, crop, 31)).astype(np.float32)
+    compile_s = 0.0
+    if side == "torch":
         rgb_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)))
         hsi_t = torch.from_numpy(np.ascontiguousarray(hsi.transpose(0, 3, 1, 2)))
         official.train()
         opt_t = torch.optim.Adam(official.parameters(), lr=4e-4, betas=(0.9, 0.999))
 
-        def run_torch():
+        def run():
             opt_t.zero_grad()
             loss = torch.mean(torch.abs(official(rgb_t) - hsi_t) / hsi_t)
             loss.backward()
             opt_t.step()
             return loss.item()
+    else:
+        import jax
+        import jax.numpy as jnp
+        import optax
 
+        from jaxspec.models.mstpp import MSTPlusPlus
+        sd = {k: v.detach().numpy() for k, v in official.state_dict().items()}
+        _, variables = convert.convert_checkpoint("mstpp", sd)
+        del official
+        model = MSTPlusPlus()
         tx = optax.adam(4e-4, b1=0.9, b2=0.999)
 
         def step(state, rgb, hsi):
@@ -187,36 +243,54 @@ def main(argv=None) -> int:
             upd, opt = tx.update(g, opt, params)
             return (optax.apply_updates(params, upd), opt), loss
 
-        step = jax.jit(step, donate_argnums=0)
-        state = (variables["params"], tx.init(variables["params"]))
+        holder = [(variables["params"], tx.init(variables["params"]))]
         rgb_j, hsi_j = jnp.asarray(rgb), jnp.asarray(hsi)
         t = time.perf_counter()
-        compiled = step.lower(state, rgb_j, hsi_j).compile()
-        res["train_jax_compile_s"] = time.perf_counter() - t
-        holder = [state]
+        compiled = jax.jit(step, donate_argnums=0).lower(holder[0], rgb_j, hsi_j).compile()
+        compile_s = time.perf_counter() - t
 
-        def run_jax():
+        def run():
             holder[0], loss = compiled(holder[0], rgb_j, hsi_j)
             return float(loss)
+    first = run()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    conn.send((first, compile_s, rss))
+    while conn.recv() == "step":
+        t = time.perf_counter()
+        run()
+        conn.send(time.perf_counter() - t)
+    conn.close()
 
-        l_t, l_j = run_torch(), run_jax()   # warm-up; same weights, so the same first loss
-        res["train_first_loss"] = {"torch": l_t, "jax": l_j}
-        print(f"train step {b}x{c}x{c}: first MRAE torch {l_t:.6f} jax {l_j:.6f} "
-              f"(jax compile {res['train_jax_compile_s']:.1f} s)")
-        st, sj = alternate(run_torch, run_jax, a.train_repeats)
-        report("train", st, sj)
-        res["train_batch"], res["train_crop"] = b, c
 
-    res["load_after"] = os.getloadavg()[0]
+def _train_alternating(a, cpus):
+    """Torch and JAX train steps in two worker processes, timed alternately (order flipped
+    every repeat, ``a.pause`` seconds between runs); returns their stats, the first losses and
+    peak RSS, and the JAX compile time."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for side in ("torch", "jax"):     # one at a time, so the set-ups do not overlap either
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_train_worker, args=(side, child, a.batch, a.crop, a.threads,
+                                                       cpus[:a.threads]))
+        proc.start()
+        first, compile_s, rss = parent.recv()
+        workers[side] = (proc, parent, first, compile_s, rss)
+    times = {"torch": [], "jax": []}
     try:
-        import resource
-        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except ImportError:  # pragma: no cover
-        pass
-    print(f"load avg after: {os.getloadavg()}, peak RSS {res.get('peak_rss_mib', 0):.0f} MiB")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
-    return 0
+        for i in range(a.train_repeats):
+            for side in (("torch", "jax") if i % 2 == 0 else ("jax", "torch")):
+                time.sleep(a.pause)
+                workers[side][1].send("step")
+                times[side].append(workers[side][1].recv())
+    finally:
+        for proc, conn, *_ in workers.values():
+            conn.send("stop")
+            proc.join(timeout=60)
+    first = {side: w[2] for side, w in workers.items()}
+    first.update({f"{side}_rss_mib": w[4] for side, w in workers.items()})
+    return _stats(times["torch"]), _stats(times["jax"]), first, workers["jax"][3]
 
 
 def cli(argv=None) -> int:
