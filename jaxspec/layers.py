@@ -297,8 +297,8 @@ def _dw_shift(x: Array, k: Array, pads) -> Array:
     the kernel gradient reads them (and XLA merges them with the forward's own slices). Here
     the second term slices the products ``(xp * tk[u, v])[slice_uv]`` rather than ``xp``,
     so reverse mode keeps the padded ``x`` alone, and the kernel gradient (its transpose)
-    multiplies ``xp`` by the padded output gradient. MST++'s train step at 4 x 128 x 128:
-    6.8 -> 2.9 GiB of XLA temporaries. Symbolic-zero tangents are skipped (``jacfwd`` over
+    multiplies ``xp`` by the padded output gradient. MST++'s train step at 4 x 128 x 128,
+    with GELU's custom JVP: 6.8 -> 3.5 GiB of XLA temporaries. Symbolic-zero tangents are skipped (``jacfwd`` over
     the input alone never runs the kernel term). Same values as autodiff to float rounding.
     """
     (pt, pb), (pl, pr) = pads

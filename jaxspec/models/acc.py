@@ -244,9 +244,10 @@ class WindowedNonLocal(nn.Module):
       with ``e = exp(l - m)`` for the block's logits ``l`` and a per-row shift ``m`` (rows of
       a softmax are independent and shift-invariant, so blocking them is exact): ``m_i`` is
       the Cauchy-Schwarz bound ``|theta_i| max_j |theta_j| / n`` folded into the logits
-      matmul, or the row max when that bound could underflow (``lax.cond``). A block's logits (256 x 4096 floats at full
-      resolution) stay in cache instead of streaming 16 windows' 64 MiB matrices through
-      memory five times; 10x faster on XLA:CPU for the 64 full-resolution windows;
+      matmul, or the row max when that bound could underflow (``lax.cond``) and for windows
+      of one block. A block's logits (256 x 4096 floats at full resolution) stay in cache
+      instead of streaming 16 windows' 64 MiB matrices through memory five times; 10x faster
+      on XLA:CPU for the 64 full-resolution windows;
     * otherwise ``window_batch`` windows at a time (``jax.lax.map``), whole matrices.
     """
     window: int = 64
