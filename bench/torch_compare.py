@@ -20,6 +20,10 @@ PyTorch model's random init converted by ``jaxspec.convert``; outputs are checke
   process of its own (at the paper's batch each needs 12-14 GiB at its peak, more than one
   process can hold on a 24 GiB machine), driven alternately from this one; peak RSS of each
   is printed.
+* **allocator**: both frameworks allocate their large temporaries afresh on every call; glibc's
+  malloc serves blocks over 32 MiB by mmap, so each call page-faults them in again. Which
+  allocator ran (``LD_PRELOAD``, e.g. ``libtcmalloc_minimal.so.4``) is printed and recorded;
+  compare like with like.
 * **alternating**: each repeat times torch then jax (order flipped every repeat), with a pause
   between so OpenMP spin-waiting does not overlap; medians, min/max and the ratio
   ``torch / jax`` (> 1: jaxspec faster) are printed. The machine may be shared: the 1-minute
@@ -101,9 +105,11 @@ def main(argv=None) -> int:
     model = MSTPlusPlus()
     res = {"jax": jax.__version__, "torch": torch.__version__, "threads": a.threads,
            "cpus": os.cpu_count(), "machine": platform.machine(),
+           "ld_preload": os.environ.get("LD_PRELOAD", ""),
            "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-          f"{a.threads} thread(s) on CPUs {cpus[:a.threads]}, load avg {os.getloadavg()}")
+          f"{a.threads} thread(s) on CPUs {cpus[:a.threads]}, load avg {os.getloadavg()}, "
+          f"allocator: {res['ld_preload'] or 'glibc malloc (no LD_PRELOAD)'}")
 
     def alternate(run_torch, run_jax, n):
         tt, tj = [], []
