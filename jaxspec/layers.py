@@ -87,15 +87,19 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+def _normal_cdf(x: Array) -> Array:
+    return 0.5 * (1.0 + lax.erf(x * np.asarray(_INV_SQRT2, x.dtype)))
+
+
 @jax.custom_jvp
 def _gelu(x: Array) -> Array:
-    return x * (0.5 * (1.0 + lax.erf(x * np.asarray(_INV_SQRT2, x.dtype))))
+    return x * _normal_cdf(x)
 
 
 @_gelu.defjvp
 def _gelu_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    cdf = 0.5 * (1.0 + lax.erf(x * np.asarray(_INV_SQRT2, x.dtype)))
+    cdf = _normal_cdf(x)
     slope = cdf + x * (np.asarray(_INV_SQRT_2PI, x.dtype) * jnp.exp(-0.5 * x * x))
     return x * cdf, slope * t
 
