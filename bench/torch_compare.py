@@ -197,8 +197,8 @@ def main(argv=None) -> int:
 
 def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus) -> None:
     """Child process: build one framework's MST++ train step (same weights and data in both:
-    torch seed 0, numpy seed 0), then answer each ``"step"`` message with the seconds one step
-    took; the first answer is ``(first loss, compile seconds)``."""
+    torch seed 0, numpy seed 1), then answer each ``"step"`` message with the seconds one step
+    took; the first answer is ``(first loss, JAX compile seconds or 0, peak RSS in MiB)``."""
     import resource
 
     os.sched_setaffinity(0, cpus)
