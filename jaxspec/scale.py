@@ -209,34 +209,61 @@ def analyse(method_name: str, topology: str, *, global_batch: int | None = None,
 
 
 def max_per_chip_batch(method_name: str, topology: str, *, start: int = 1, limit: int = 4096,
-                       **kw) -> tuple[int, dict | None]:
-    """Largest per-chip batch (doubling, then bisection) whose step fits HBM, and its report
-    (0 and None when even ``start`` does not fit)."""
-    lo, best = 0, None
+                       probe=None, **kw) -> tuple[int, dict | None]:
+    """Largest per-chip batch whose step fits HBM (exact, or within 12.5 % above 8), and its
+    report (0 and None when even ``start`` does not fit).
+
+    Each probe is a full compile (minutes for a pod topology on a CPU), so the search does not
+    bisect blindly: per-chip HBM is close to affine in the batch (parameters, optimiser state
+    and code, plus activations per example), so the next probe is where the line through the
+    two largest probes so far meets the chip's capacity, kept strictly between the largest
+    batch that fits and the smallest that does not; doubling (no line yet) and bisection
+    (prediction outside that interval) are the fallbacks. A correct prediction ends the search
+    in two more compiles (``b`` fits, ``b + 1`` does not). ``probe(b)`` replaces the compile
+    (tests); it returns the report of :func:`analyse`."""
+    if probe is None:
+        def probe(b):
+            return analyse(method_name, topology, per_chip_batch=b, **kw)
+    samples: dict[int, int] = {}
+    lo, hi, best, cap = 0, None, None, None
     b = int(start)
-    hi = None
-    while b <= limit:
-        r = analyse(method_name, topology, per_chip_batch=b, **kw)
+    while True:
+        r = probe(b)
+        samples[b] = int(r["hbm_bytes"])
+        cap = int(r["hbm_capacity"])
         if r["fits"]:
-            lo, best = b, r
-            b *= 2
+            if b > lo:
+                lo, best = b, r
         else:
-            hi = b
-            break
-    if hi is None:
-        return lo, best
-    while hi - lo > max(1, lo // 8):   # within 12.5 %: each probe is a full compile
-        mid = (lo + hi) // 2
-        r = analyse(method_name, topology, per_chip_batch=mid, **kw)
-        if r["fits"]:
-            lo, best = mid, r
-        else:
-            hi = mid
-    return lo, best
+            hi = b if hi is None else min(hi, b)
+        if lo == 0:                                   # even ``start`` does not fit
+            return 0, None
+        if lo >= limit or (hi is not None and hi - lo <= max(1, lo // 8)):
+            best = dict(best, max_per_chip_batch=lo, probes=sorted(samples.items()))
+            return lo, best
+        upper = min(limit, (hi - 1) if hi is not None else limit)
+        guess = None
+        if len(samples) >= 2:
+            (b1, m1), (b2, m2) = sorted(samples.items())[-2:]
+            slope = (m2 - m1) / (b2 - b1)
+            if slope > 0:
+                guess = int(b2 + (cap - m2) // slope)
+        if guess is not None and guess <= lo:
+            guess = lo + 1                            # the line says ``lo`` is the largest
+        if guess is None or guess > upper or guess in samples:
+            guess = min(2 * lo, upper) if hi is None else (lo + hi) // 2
+        if guess <= lo or guess in samples:
+            guess = lo + 1
+        b = guess
 
 
 def _fmt_bytes(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
+
+
+def _probes(r: dict) -> str:
+    return ", ".join(f"{b}: {m / 2**30:.2f} GiB" for b, m in r["probes"]) + \
+        f"; {len(r['probes'])} compiles"
 
 
 def format_report(r: dict) -> str:
@@ -258,6 +285,9 @@ def format_report(r: dict) -> str:
         f"{rf['ici_s'] * 1e3:.3f} ms) = {rf['images_per_s']:.4g} crops/s",
         f"  compiled in      {r['compile_s']:.1f} s",
     ]
+    if "probes" in r:
+        lines.append(f"  largest per-chip batch that fits: {r['max_per_chip_batch']} "
+                     f"({_probes(r)})")
     return "\n".join(lines)
 
 
@@ -276,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", type=int, default=31, help="spectral bands of the data")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max-batch", action="store_true",
-                   help="search the largest per-chip batch that fits HBM")
+                   help="search the largest per-chip batch that fits HBM (with --table: one row "
+                        "per method at that batch)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--table", default=None, metavar="METHODS",
                    help="comma-separated methods: print a markdown row per (topology, method); "
@@ -321,8 +352,16 @@ def _main(argv=None) -> int:
         print(TABLE_HEADER, flush=True)
         for topo in args.topology.split(","):
             for m in args.table.split(","):
-                r = analyse(m, topo, global_batch=args.global_batch,
-                            per_chip_batch=args.per_chip_batch or 1, **kw)
+                if args.max_batch:        # the row at the largest per-chip batch that fits
+                    b, r = max_per_chip_batch(m, topo, **kw)
+                    if r is None:
+                        print(f"| {m} | {topo} | even per-chip batch 1 does not fit |")
+                        continue
+                    print(f"{m} {topo} probes (per-chip batch: HBM) {_probes(r)}",
+                          file=sys.stderr, flush=True)
+                else:
+                    r = analyse(m, topo, global_batch=args.global_batch,
+                                per_chip_batch=args.per_chip_batch or 1, **kw)
                 print(table_row(r), flush=True)
         return 0
     if args.method is None:
@@ -332,7 +371,6 @@ def _main(argv=None) -> int:
         if r is None:
             print(f"{args.method}: even per-chip batch 1 does not fit {args.topology}")
             return 1
-        r["max_per_chip_batch"] = b
     else:
         if args.global_batch is None and args.per_chip_batch is None:
             raise UsageError("give --global-batch or --per-chip-batch (or --max-batch)")

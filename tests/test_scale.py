@@ -177,3 +177,33 @@ def test_aot_compile_for_v5e_2x2():
     # weak scaling: the per-chip program does the same work
     assert wide["flops_per_chip"] == pytest.approx(rep["flops_per_chip"], rel=0.05)
     assert "v5e:2x2" in scale.format_report(rep) and scale.table_row(rep).startswith("| aot")
+
+
+@pytest.mark.parametrize("fixed,per,bump", [(3.0, 0.7, 0.0), (0.5, 0.013, 0.0),
+                                            (1.0, 0.2, 0.9), (17.0, 1.0, 0.0)])
+def test_max_batch_search_finds_the_boundary_in_few_compiles(fixed, per, bump):
+    """The search returns the largest batch whose HBM fits (exact up to 8, within 12.5 %
+    above), with few probes when HBM is affine in the batch and still correctly when it is
+    not (``bump``: a jump in HBM above batch 20, as when XLA changes a layout)."""
+    from jaxspec import scale
+    cap = 16e9
+    calls = []
+
+    def hbm(b):
+        return (fixed + per * b + (bump if b > 20 else 0.0)) * 1e9
+
+    def probe(b):
+        calls.append(b)
+        return {"hbm_bytes": hbm(b), "hbm_capacity": cap, "fits": hbm(b) <= cap}
+
+    b, r = scale.max_per_chip_batch("m", "v5e:2x2", probe=probe)
+    truth = max((k for k in range(1, 5000) if hbm(k) <= cap), default=0)
+    if truth == 0:
+        assert (b, r) == (0, None) and calls == [1]
+        return
+    assert hbm(b) <= cap and r["max_per_chip_batch"] == b
+    assert truth - b <= max(0, b // 8)
+    assert len(calls) == len(set(calls))                 # no batch compiled twice
+    if bump == 0.0:
+        assert len(calls) <= 5, calls                    # 1, 2, prediction, its check
+    assert [k for k, _ in r["probes"]] == sorted(calls)
