@@ -174,7 +174,18 @@ def analyse(method_name: str, topology: str, *, global_batch: int | None = None,
                                     preset=preset, mesh_space=mesh_space, crop=crop,
                                     bands=bands, overrides=overrides)
     lowered = step.lower(state, batch)
-    compiled = lowered.compile()
+    head = {"method": method_name, "topology": topology, "chips": n, "preset": preset,
+            "mesh": {"data": data, "space": int(mesh_space)}, "crop": cfg.crop,
+            "global_batch": global_batch, "per_chip_batch": global_batch / data,
+            "hbm_capacity": chip["hbm_bytes"]}
+    try:
+        compiled = lowered.compile()
+    except Exception as err:     # XLA:TPU refuses a program larger than the chip's HBM
+        need = out_of_hbm_bytes(str(err))
+        if need is None:
+            raise
+        return dict(head, hbm_bytes=need, fits=False, out_of_hbm=str(err).strip()[:400],
+                    compile_s=time.perf_counter() - t0)
     t_compile = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     hbm = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -191,11 +202,7 @@ def analyse(method_name: str, topology: str, *, global_batch: int | None = None,
     t_ici = ici / chip["ici_bw"]
     t_step = max(t_flops, t_hbm, t_ici)
     return {
-        "method": method_name, "topology": topology, "chips": n, "preset": preset,
-        "mesh": {"data": data, "space": int(mesh_space)}, "crop": cfg.crop,
-        "global_batch": global_batch, "per_chip_batch": global_batch / data,
-        "hbm_bytes": int(hbm), "hbm_capacity": chip["hbm_bytes"],
-        "fits": bool(hbm <= chip["hbm_bytes"]),
+        **head, "hbm_bytes": int(hbm), "fits": bool(hbm <= chip["hbm_bytes"]),
         "memory": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
                    "aliased": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes,
                    "code": mem.generated_code_size_in_bytes},
@@ -206,6 +213,23 @@ def analyse(method_name: str, topology: str, *, global_batch: int | None = None,
                      "images_per_s": global_batch / t_step if t_step > 0 else math.inf},
         "compile_s": t_compile,
     }
+
+
+_OOM = re.compile(r"(?:required for [^(]*\(|Used )(?P<num>[\d.]+)(?P<unit>[KMGT]?)i?B?\b")
+
+
+def out_of_hbm_bytes(message: str) -> int | None:
+    """The memory XLA:TPU says a program needs when it refuses it for lack of HBM (``Ran out of
+    memory ... the total memory required for HLO temporaries (75.80G) exceeds available HBM
+    (15.75G)``), in bytes (XLA's G is 2^30); None when ``message`` is not an out-of-HBM error.
+    The figure is a lower bound of the step's HBM (temporaries only, in the first form)."""
+    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        return None
+    m = _OOM.search(message)
+    if m is None:
+        return 0
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m["unit"]]
+    return int(float(m["num"]) * scale)
 
 
 def max_per_chip_batch(method_name: str, topology: str, *, start: int = 1, limit: int = 4096,
@@ -267,6 +291,12 @@ def _probes(r: dict) -> str:
 
 
 def format_report(r: dict) -> str:
+    if "out_of_hbm" in r:
+        return (f"{r['method']} ({r['preset']} preset, crop {r['crop']}) on {r['topology']}: "
+                f"{r['chips']} chips, mesh data={r['mesh']['data']} space={r['mesh']['space']}, "
+                f"global batch {r['global_batch']} ({r['per_chip_batch']:g} per data shard)\n"
+                f"  DOES NOT FIT: XLA:TPU needs >= {_fmt_bytes(r['hbm_bytes'])} per chip of "
+                f"{_fmt_bytes(r['hbm_capacity'])} and refuses the program:\n  {r['out_of_hbm']}")
     rf = r["roofline"]
     lines = [
         f"{r['method']} ({r['preset']} preset, crop {r['crop']}) on {r['topology']}: "
@@ -322,6 +352,10 @@ TABLE_HEADER = ("| method | topology | chips | mesh (data x space) | crop | per-
 
 
 def table_row(r: dict) -> str:
+    if "out_of_hbm" in r:
+        return (f"| {r['method']} | {r['topology']} | {r['chips']} | {r['mesh']['data']} x "
+                f"{r['mesh']['space']} | {r['crop']} | {r['per_chip_batch']:g} | "
+                f"> {r['hbm_bytes'] / 2**30:.2f} GiB (XLA: out of HBM) | no | | | | |")
     rf = r["roofline"]
     coll = sum(v["bytes"] for v in r["collectives"].values()) / 2**20
     return (f"| {r['method']} | {r['topology']} | {r['chips']} | {r['mesh']['data']} x "

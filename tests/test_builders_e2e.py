@@ -301,3 +301,20 @@ def test_mrae_loss_and_metric_with_zeros_exact_where_positive():
     assert np.all(np.isfinite(m["mrae"]))
     np.testing.assert_allclose(m["mrae"][0], m["mrae_pos"][0], rtol=0)
     np.testing.assert_array_equal(m["mrae"][1], np.asarray(metrics.mrae(pred, gt))[1])
+
+
+def test_losses_trace_on_a_pod_sized_global_batch():
+    """A global batch on a pod slice holds more than 2^31 elements (e.g. 256 chips x 32 x
+    128 x 128 x 31 = 4.2e9): the losses must trace there (the MRAE count once compared an
+    int32 with the Python size and could not; found by ``jaxspec.scale``)."""
+    import jax.numpy as jnp
+
+    from jaxspec.models import ussr
+    from jaxspec.train import losses
+
+    big = jax.ShapeDtypeStruct((256 * 32, 128, 128, 31), jnp.float32)
+    for fn in (losses.mrae_loss, losses.l1_loss, losses.mrae_eps_loss):
+        assert jax.eval_shape(fn, big, big).shape == ()
+    logits = jax.ShapeDtypeStruct((2**16, 256, 256, 4), jnp.float32)    # 2^32 labels
+    labels = jax.ShapeDtypeStruct((2**16, 256, 256), jnp.int32)
+    assert jax.eval_shape(ussr.semantic_cross_entropy, logits, labels).shape == ()

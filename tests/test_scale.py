@@ -207,3 +207,21 @@ def test_max_batch_search_finds_the_boundary_in_few_compiles(fixed, per, bump):
     if bump == 0.0:
         assert len(calls) <= 5, calls                    # 1, 2, prediction, its check
     assert [k for k, _ in r["probes"]] == sorted(calls)
+
+
+def test_out_of_hbm_message_is_a_report_not_a_crash():
+    """XLA:TPU refuses a step larger than HBM at compile time (RESOURCE_EXHAUSTED): its
+    message gives the memory needed, which the search and the table use."""
+    from jaxspec import scale
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (75.80G) exceeds available HBM (15.75G).")
+    assert scale.out_of_hbm_bytes(msg) == int(75.80 * 2**30)
+    assert scale.out_of_hbm_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space "
+                                  "hbm. Used 20.50G of 15.75G hbm.") == int(20.5 * 2**30)
+    assert scale.out_of_hbm_bytes("INVALID_ARGUMENT: bad shape") is None
+    r = {"method": "m", "topology": "v5e:2x2", "chips": 4, "preset": "paper",
+         "mesh": {"data": 4, "space": 1}, "crop": 480, "global_batch": 4, "per_chip_batch": 1.0,
+         "hbm_capacity": 16e9, "hbm_bytes": int(75.8 * 2**30), "fits": False,
+         "out_of_hbm": msg, "compile_s": 1.0}
+    assert "> 75.80 GiB (XLA: out of HBM) | no |" in scale.table_row(r)
+    assert "DOES NOT FIT" in scale.format_report(r)

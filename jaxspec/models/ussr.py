@@ -789,8 +789,8 @@ def semantic_cross_entropy(logits: Array, labels: Array, ignore_index: int = -1)
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    n = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(n, 1)
+    n = jnp.sum(valid, dtype=jnp.float32)          # no int32 wrap on a pod's global batch
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(n, 1.0)
 
 
 def gradient_penalty(d_prob: Callable[[Array], Array], real: Array, fake: Array, key: Array,
