@@ -94,18 +94,16 @@ def _random_inputs(task, info, size, side_inputs, batch, seed):
     return out
 
 
-def bench_method(name: str, preset: str | None, reps: int) -> dict:
-    """Params, FLOPs, inference time per IMAGE-sized output and train steps/s of one method,
-    through its task (rgb2hsi: RGB in; hsi2hsi: HSI in; fusion: LR-HSI + HR-MSI at the
-    config's scale; parameter-free ``step_kind="none"`` methods: no train numbers)."""
+def build_inference(name: str, preset: str | None = None, image=None) -> dict:
+    """A method's inference as :func:`bench_method` times it: its preset (``cpu`` on the CPU
+    backend, ``paper`` elsewhere, unless given), model, initialised variables, the pure
+    ``apply(variables, inputs)`` and random inputs of ``image`` (default :data:`IMAGE`)
+    rounded up to the task's unit."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from jaxspec import registry, tasks
-    from jaxspec.flops import count_flops
-    from jaxspec.train import sharding, steps as steps_lib
-    from jaxspec.train.state import create_train_state, init_variables, param_count
+    from jaxspec.train.state import init_variables
 
     preset = preset or ("cpu" if jax.default_backend() == "cpu" else "paper")
     method = registry.get(name)
@@ -117,7 +115,8 @@ def bench_method(name: str, preset: str | None, reps: int) -> dict:
     info = tasks.info_from_config(cfg, method)
     side = tuple(method.side_inputs)
     unit = task.unit(cfg, method.stride)
-    h, w = (-(-IMAGE[0] // unit) * unit, -(-IMAGE[1] // unit) * unit)
+    image = image or IMAGE
+    h, w = (-(-image[0] // unit) * unit, -(-image[1] // unit) * unit)
     args0, kw0 = task.example_inputs(info, -(-64 // unit) * unit, side)
     variables = jax.jit(lambda k: init_variables(model, k, inputs=args0, kwargs=kw0))(
         jax.random.PRNGKey(0))
@@ -126,6 +125,29 @@ def bench_method(name: str, preset: str | None, reps: int) -> dict:
         return tasks.split_output(task.apply(model.apply, v, x, side_inputs=side,
                                              train=False))[0]
 
+    x = {k: jnp.asarray(v) for k, v in _random_inputs(task, info, (h, w), side, 1, 1).items()}
+    return dict(method=method, task=task, cfg=cfg, model=model, info=info, side=side,
+                variables=variables, apply=apply, x=x, input=(h, w))
+
+
+def bench_method(name: str, preset: str | None, reps: int) -> dict:
+    """Params, FLOPs, inference time per IMAGE-sized output and train steps/s of one method,
+    through its task (rgb2hsi: RGB in; hsi2hsi: HSI in; fusion: LR-HSI + HR-MSI at the
+    config's scale; parameter-free ``step_kind="none"`` methods: no train numbers)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxspec.flops import count_flops
+    from jaxspec.train import sharding, steps as steps_lib
+    from jaxspec.train.state import create_train_state, param_count
+
+    setup = build_inference(name, preset)
+    method, task, cfg, model, info, side, variables, apply, x = (
+        setup[k] for k in ("method", "task", "cfg", "model", "info", "side", "variables",
+                           "apply", "x"))
+    preset, (h, w) = cfg.preset, setup["input"]
+
     def flops_of(fn, *a):
         try:
             return count_flops(fn, *a)
@@ -133,7 +155,6 @@ def bench_method(name: str, preset: str | None, reps: int) -> dict:
             return 0.0
 
     fwd = jax.jit(apply)
-    x = {k: jnp.asarray(v) for k, v in _random_inputs(task, info, (h, w), side, 1, 1).items()}
     flops = flops_of(apply, variables, x)
     out = {"method": name, "preset": preset, "task": task.name,
            "params": param_count(variables.get("params", {})),

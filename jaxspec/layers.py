@@ -35,6 +35,8 @@ Initialisation (matches the PyTorch reference)
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Callable, Sequence, Union
@@ -182,6 +184,28 @@ def trunc_normal_init(std: float = 0.02, a: float = -2.0, b: float = 2.0):
 # ----------------------------------------------------------------------------------------------
 # Depthwise convolution
 # ----------------------------------------------------------------------------------------------
+_TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jaxspec_target_backend", default=None)
+
+
+def target_backend() -> str:
+    """The platform the program being traced will run on: ``jax.default_backend()``, unless
+    :func:`compiling_for` says otherwise (ahead-of-time compilation for a TPU topology from a
+    CPU process, where the default backend is the CPU). Layers with a CPU-specific form
+    (the shifted depthwise conv, ACC's row-blocked attention) ask this, not the default."""
+    return _TARGET_BACKEND.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Trace for ``platform`` (``"tpu"``, ``"gpu"``, ``"cpu"``) inside this block."""
+    token = _TARGET_BACKEND.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
+
+
 def resolve_depthwise_impl(impl: str = "auto") -> str:
     """``"auto"`` -> ``"shift"`` on the CPU backend, ``"lax"`` elsewhere (GPU/TPU).
 
@@ -191,7 +215,7 @@ def resolve_depthwise_impl(impl: str = "auto") -> str:
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "lax"
+        return "shift" if target_backend() == "cpu" else "lax"
     return impl
 
 

@@ -170,10 +170,12 @@ def analyse(method_name: str, topology: str, *, global_batch: int | None = None,
         global_batch = int(per_chip_batch or 1) * data
     chip = CHIPS[chip_of(topology)]
     t0 = time.perf_counter()
-    step, state, batch, cfg = build(method_name, devices, global_batch=global_batch,
-                                    preset=preset, mesh_space=mesh_space, crop=crop,
-                                    bands=bands, overrides=overrides)
-    lowered = step.lower(state, batch)
+    from jaxspec.layers import compiling_for
+    with compiling_for(devices[0].platform):    # the TPU forms of the layers, not the CPU's
+        step, state, batch, cfg = build(method_name, devices, global_batch=global_batch,
+                                        preset=preset, mesh_space=mesh_space, crop=crop,
+                                        bands=bands, overrides=overrides)
+        lowered = step.lower(state, batch)
     head = {"method": method_name, "topology": topology, "chips": n, "preset": preset,
             "mesh": {"data": data, "space": int(mesh_space)}, "crop": cfg.crop,
             "global_batch": global_batch, "per_chip_batch": global_batch / data,

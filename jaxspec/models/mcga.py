@@ -357,13 +357,17 @@ class GAFFN(nn.Module):
 def top_k_cluster_means(x, idx, num_codes: int, k: int):
     """Cluster means of the K most frequent codes: ``x`` (B, N, C), ``idx`` (B, N) code of every
     vector -> ``(means (B, K, C), valid (B, K))``. Static shapes: a fixed-length ``bincount``
-    and ``lax.top_k``; codes used by no vector are masked (``valid`` False, mean 0)."""
+    and a top-K by stable sort; codes used by no vector are masked (``valid`` False, mean 0)."""
     k = min(k, num_codes)
 
     def one(xb, ib):
         counts = jnp.bincount(ib, length=num_codes)
         sums = jax.ops.segment_sum(xb, ib, num_segments=num_codes)
-        top_counts, top = lax.top_k(counts, k)
+        # the K largest counts, ties to the lower code: what ``lax.top_k`` returns, as a
+        # stable sort, which XLA's SPMD partitioner keeps split over the batch (it gathers
+        # the global batch's counts in front of a ``top_k``)
+        top = jnp.argsort(-counts, stable=True)[:k]
+        top_counts = counts[top]
         means = sums[top] / jnp.maximum(top_counts, 1)[:, None].astype(xb.dtype)
         return means, top_counts > 0
 
