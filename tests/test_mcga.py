@@ -42,6 +42,25 @@ def test_straight_through_gradient():
     np.testing.assert_array_equal(gv["params"]["codebook"], 0.0)   # output moves no codeword
 
 
+@pytest.mark.parametrize("d", [1, 4, 16, 20])
+def test_nearest_code_is_the_argmin_of_the_distances(d):
+    """The fused score form (d <= 16) and the matrix form pick the nearest codeword of a
+    float64 numpy reference, the lower index on a tie (a duplicated codeword)."""
+    rng = np.random.default_rng(d)
+    cb = rng.normal(size=(64, d)).astype(np.float32)
+    cb[40] = cb[7]                                        # a tie: code 7 must win
+    z = rng.normal(size=(3, 50, d)).astype(np.float32)
+    z[0, 0] = cb[7]
+    ref = np.argmin(((z[..., None, :].astype(np.float64) - cb) ** 2).sum(-1), -1)
+    got = np.asarray(jax.jit(mcga.nearest_code)(jnp.asarray(z), jnp.asarray(cb)))
+    assert got[0, 0] == 7
+    d2 = ((z[..., None, :].astype(np.float64) - cb) ** 2).sum(-1)
+    # equal, or an exact tie in float64 terms up to float32 rounding
+    picked = np.take_along_axis(d2, got[..., None], -1)[..., 0]
+    assert np.all((got == ref) | (picked - d2.min(-1) <= 1e-5 * (1 + d2.min(-1))))
+    assert np.mean(got == ref) > 0.99
+
+
 def test_codebook_and_commitment_losses_match_numpy():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)

