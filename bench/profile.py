@@ -7,9 +7,10 @@ train step) from a ``jax.profiler`` trace.
 
 The program is compiled once, run ``--warmup`` times, then ``--reps`` times under
 ``jax.profiler.trace``. Every event of the trace whose name is an HLO instruction of the
-compiled program (the runtime's thunks: fusions, convolutions, dots, YNNPACK fusions...) is
-charged to the Flax module path of its ``op_name`` metadata (``.../ganet/dec0_block0/gqa/...``
-cut to ``--depth`` scopes below the model), and the script prints milliseconds per call by
+compiled program (the runtime's thunks: fusions, convolutions, dots, YNNPACK fusions...;
+not ``while``/``conditional``, whose bodies' thunks are listed themselves) is charged to the
+Flax module path of its ``op_name`` metadata (``.../ganet/dec0_block0/gqa/...`` cut to
+``--depth`` scopes below the model), and the script prints milliseconds per call by
 module and the ``--top`` instructions with their source op, kind and shape. Times are wall
 time of the thunk on its thread: with several threads they can add up to more than the wall
 time of the call (the total line says how much of the call the listed thunks cover).
@@ -33,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s"
                     r"(?P<op>[\w\-]+)\(.*?(?:op_name=\"(?P<op_name>[^\"]*)\")?")
 _META = re.compile(r'op_name="([^"]*)"')
+#: control flow whose thunk spans the thunks of its body (counted there, not twice)
+_CONTAINERS = ("while", "conditional", "call", "async-start", "async-done")
 
 
 def hlo_index(hlo_text: str) -> dict[str, dict]:
@@ -59,7 +62,9 @@ def module_path(op_name: str, depth: int) -> str:
     backward = any(p.startswith("transpose(") for p in op_name.split("/"))
     scopes = []
     for p in parts:
-        inner = re.sub(r"^\w+\((.*)\)$", r"\1", p)
+        inner = p
+        while re.match(r"^\w+\(.*\)$", inner):      # transpose(jvp(Net)) -> Net
+            inner = re.sub(r"^\w+\((.*)\)$", r"\1", inner)
         if inner and not inner.startswith(("jit", "pjit", "vmap", "remat", "checkpoint",
                                             "while", "body", "cond", "scan")):
             scopes.append(inner)
@@ -97,7 +102,7 @@ def profile(fn, args, *, reps: int, warmup: int, depth: int) -> dict:
     by_instr: dict[str, float] = collections.defaultdict(float)
     for e in events:
         name = e["name"]
-        if name not in index:
+        if name not in index or index[name]["op"] in _CONTAINERS:
             continue
         ms = e["dur"] / 1e3 / reps
         by_instr[name] += ms

@@ -30,3 +30,43 @@ def test_render_keeps_other_sections_and_is_idempotent(tmp_path):
     assert first.index(bm._GENERATED_END) < first.index("## Input pipeline")
     bm.render(tmp_path, out)
     assert out.read_text() == first
+
+
+def _bench_module(name):
+    import sys
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_charges_thunks_to_flax_modules():
+    """bench/profile.py: a traced call's thunks are charged to the Flax module of their
+    op_name (backward ops marked), control-flow containers not counted twice, and the
+    report covers the call."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    prof = _bench_module("profile")
+    assert prof.module_path("jit(step)/jvp(Net)/enc/conv/conv_general_dilated", 2) == "Net/enc"
+    assert prof.module_path("jit(step)/transpose(jvp(Net))/enc/dot_general", 3) == \
+        "Net/enc [bwd]"
+    assert prof.module_path("", 3) == "(no op_name)"
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(256, name="wide")(x)
+            x = jax.lax.fori_loop(0, 3, lambda i, y: jnp.tanh(y) * 1.5, x)
+            return nn.Dense(8, name="narrow")(jnp.sin(x))
+
+    x = jnp.ones((512, 64))
+    net = Net()
+    v = net.init(jax.random.PRNGKey(0), x)
+    r = prof.profile(jax.jit(net.apply), (v, x), reps=2, warmup=1, depth=2)
+    assert r["wall_ms"] > 0 and r["thunk_ms"] > 0
+    assert any(m.startswith("Net/wide") for m in r["modules"]), dict(r["modules"])
+    assert all(r["index"][n]["op"] not in prof._CONTAINERS for n in r["instructions"])
+    assert "ms/call" in prof.report(r, top=5)
