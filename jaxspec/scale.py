@@ -242,8 +242,9 @@ def max_per_chip_batch(method_name: str, topology: str, *, start: int = 1, limit
     Each probe is a full compile (minutes for a pod topology on a CPU), so the search does not
     bisect blindly: per-chip HBM is close to affine in the batch (parameters, optimiser state
     and code, plus activations per example), so the next probe is where the line through the
-    two largest probes so far meets the chip's capacity, kept strictly between the largest
-    batch that fits and the smallest that does not; doubling (no line yet) and bisection
+    two largest probes that fit meets the chip's capacity, kept strictly between the largest
+    batch that fits and the smallest that does not, and at least a quarter of the way from
+    either (XLA's layouts can make HBM jump); doubling (no line yet) and bisection
     (prediction outside that interval) are the fallbacks. A correct prediction ends the search
     in two more compiles (``b`` fits, ``b + 1`` does not). ``probe(b)`` replaces the compile
     (tests); it returns the report of :func:`analyse`."""
@@ -269,8 +270,9 @@ def max_per_chip_batch(method_name: str, topology: str, *, start: int = 1, limit
             return lo, best
         upper = min(limit, (hi - 1) if hi is not None else limit)
         guess = None
-        if len(samples) >= 2:
-            (b1, m1), (b2, m2) = sorted(samples.items())[-2:]
+        fitting = sorted((k, m) for k, m in samples.items() if m <= cap)
+        if len(fitting) >= 2:                 # the line through the two largest that fit
+            (b1, m1), (b2, m2) = fitting[-2:]
             slope = (m2 - m1) / (b2 - b1)
             if slope > 0:
                 guess = int(b2 + (cap - m2) // slope)
@@ -278,6 +280,10 @@ def max_per_chip_batch(method_name: str, topology: str, *, start: int = 1, limit
             guess = lo + 1                            # the line says ``lo`` is the largest
         if guess is None or guess > upper or guess in samples:
             guess = min(2 * lo, upper) if hi is None else (lo + hi) // 2
+        if hi is not None:                    # safeguard: move at least a quarter of the gap
+            q = max(1, (hi - lo) // 4)        # (a line through two nearby points that fit can
+            if lo + q <= hi - q:              # creep towards the boundary a few % a compile)
+                guess = min(max(guess, lo + q), hi - q)
         if guess <= lo or guess in samples:
             guess = lo + 1
         b = guess
