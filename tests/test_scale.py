@@ -248,7 +248,7 @@ _NO_GATHER_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow       # compiles six train steps twice over (~3 min on 2 cores)
+@pytest.mark.slow       # seven train-step compiles (~3 min on 2 cores)
 def test_no_method_gathers_the_global_batch_on_a_data_mesh(tmp_path):
     """Every registered method's train step on 8 data-parallel devices moves only gradients
     and statistics between devices, in the CPU forms of the layers and in the accelerator
