@@ -252,11 +252,14 @@ def max_per_chip_batch(method_name: str, topology: str, *, start: int = 1, limit
         def probe(b):
             return analyse(method_name, topology, per_chip_batch=b, **kw)
     samples: dict[int, int] = {}
+    fit_batches: set[int] = set()     # by the report's verdict (an unparsed refusal reads 0)
     lo, hi, best, cap = 0, None, None, None
     b = int(start)
     while True:
         r = probe(b)
         samples[b] = int(r["hbm_bytes"])
+        if r["fits"]:
+            fit_batches.add(b)
         cap = int(r["hbm_capacity"])
         if r["fits"]:
             if b > lo:
@@ -270,7 +273,7 @@ def max_per_chip_batch(method_name: str, topology: str, *, start: int = 1, limit
             return lo, best
         upper = min(limit, (hi - 1) if hi is not None else limit)
         guess = None
-        fitting = sorted((k, m) for k, m in samples.items() if m <= cap)
+        fitting = sorted((k, m) for k, m in samples.items() if k in fit_batches)
         if len(fitting) >= 2:                 # the line through the two largest that fit
             (b1, m1), (b2, m2) = fitting[-2:]
             slope = (m2 - m1) / (b2 - b1)

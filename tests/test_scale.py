@@ -283,3 +283,19 @@ def test_max_batch_search_through_a_jump_in_hbm():
 
     b, _ = scale.max_per_chip_batch("m", "v5e:2x2", probe=probe)
     assert hbm(b) <= 16e9 and 3399 - b <= b // 8 and len(calls) <= 8, calls
+
+
+def test_max_batch_search_does_not_fit_a_line_through_an_unparsed_refusal():
+    """A refusal whose message gives no size reads 0 bytes: it must count as 'does not fit'
+    in the line fit too, not as a free batch."""
+    from jaxspec import scale
+    calls = []
+
+    def probe(b):
+        calls.append(b)
+        fits = b <= 40
+        return {"hbm_bytes": (0.3 * b * 2**30) if fits else 0, "hbm_capacity": 16e9,
+                "fits": fits}
+
+    b, _ = scale.max_per_chip_batch("m", "v5e:2x2", probe=probe)
+    assert 40 - b <= b // 8 and b <= 40 and len(calls) <= 10, calls
