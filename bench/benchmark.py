@@ -130,17 +130,42 @@ def build_inference(name: str, preset: str | None = None, image=None) -> dict:
                 variables=variables, apply=apply, x=x, input=(h, w))
 
 
+def build_train(setup: dict):
+    """The train step of a :func:`build_inference` setup as bench_method times it: ``(state,
+    batch, step_fn, replicated sharding)``, state and a random batch of the preset's crop and
+    batch size placed on a mesh of all devices; ``step_fn`` not yet jitted."""
+    import jax
+    import numpy as np
+
+    from jaxspec.train import sharding, steps as steps_lib
+    from jaxspec.train.state import create_train_state
+
+    method, task, cfg, model, info, side = (setup[k] for k in
+                                            ("method", "task", "cfg", "model", "info", "side"))
+    mesh = sharding.make_mesh()
+    rep = sharding.replicated(mesh)
+    tx = steps_lib.make_optimizer_for(cfg, method)
+    args, kwargs = task.example_inputs(info, cfg.crop, side)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), out_sharding=rep,
+                               inputs=args, kwargs=kwargs)
+    rng = np.random.default_rng(0)
+    host = _random_inputs(task, info, cfg.crop, side, cfg.batch_size, 3)
+    host[task.target_key] = (rng.random((cfg.batch_size, cfg.crop, cfg.crop, info.bands)) * 0.8
+                             + 0.1).astype(np.float32)
+    batch = sharding.shard_batch(host, mesh)
+    return state, batch, steps_lib.build_train_step(model, cfg, method), rep
+
+
 def bench_method(name: str, preset: str | None, reps: int) -> dict:
     """Params, FLOPs, inference time per IMAGE-sized output and train steps/s of one method,
     through its task (rgb2hsi: RGB in; hsi2hsi: HSI in; fusion: LR-HSI + HR-MSI at the
     config's scale; parameter-free ``step_kind="none"`` methods: no train numbers)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from jaxspec.flops import count_flops
-    from jaxspec.train import sharding, steps as steps_lib
-    from jaxspec.train.state import create_train_state, param_count
+    from jaxspec.train import steps as steps_lib
+    from jaxspec.train.state import param_count
 
     setup = build_inference(name, preset)
     method, task, cfg, model, info, side, variables, apply, x = (
@@ -173,18 +198,7 @@ def bench_method(name: str, preset: str | None, reps: int) -> dict:
         out["peak_mem_bytes"], out["peak_mem_kind"] = peak_memory_bytes()
         return out
 
-    mesh = sharding.make_mesh()
-    rep = sharding.replicated(mesh)
-    tx = steps_lib.make_optimizer_for(cfg, method)
-    args, kwargs = task.example_inputs(info, cfg.crop, side)
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), out_sharding=rep,
-                               inputs=args, kwargs=kwargs)
-    rng = np.random.default_rng(0)
-    host = _random_inputs(task, info, cfg.crop, side, cfg.batch_size, 3)
-    host[task.target_key] = (rng.random((cfg.batch_size, cfg.crop, cfg.crop, info.bands)) * 0.8
-                             + 0.1).astype(np.float32)
-    batch = sharding.shard_batch(host, mesh)
-    step_fn = steps_lib.build_train_step(model, cfg, method)
+    state, batch, step_fn, rep = build_train(setup)
     step_flops = count_flops(step_fn, state, batch)
     step = jax.jit(step_fn, donate_argnums=0, out_shardings=(rep, rep))
     state, m = step(state, batch)

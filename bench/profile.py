@@ -145,25 +145,10 @@ def main(argv=None) -> int:
     from benchmark import build_inference
     setup = build_inference(args.method, args.preset, image=(args.height, args.width))
     if args.train:
-        import numpy as np
-
-        from benchmark import _random_inputs
-        from jaxspec.train import sharding, steps as steps_lib
-        from jaxspec.train.state import create_train_state
-        method, task, cfg, info, side = (setup[k] for k in
-                                         ("method", "task", "cfg", "info", "side"))
-        mesh = sharding.make_mesh()
-        rep = sharding.replicated(mesh)
-        tx = steps_lib.make_optimizer_for(cfg, method)
-        a, kw = task.example_inputs(info, cfg.crop, side)
-        state = create_train_state(setup["model"], tx, jax.random.PRNGKey(0), out_sharding=rep,
-                                   inputs=a, kwargs=kw)
-        host = _random_inputs(task, info, cfg.crop, side, cfg.batch_size, 3)
-        host[task.target_key] = (np.random.default_rng(0).random(
-            (cfg.batch_size, cfg.crop, cfg.crop, info.bands)) * 0.8 + 0.1).astype(np.float32)
-        batch = sharding.shard_batch(host, mesh)
-        fn = jax.jit(steps_lib.build_train_step(setup["model"], cfg, method),
-                     out_shardings=(rep, rep))
+        from benchmark import build_train
+        state, batch, step_fn, rep = build_train(setup)
+        cfg = setup["cfg"]
+        fn = jax.jit(step_fn, out_shardings=(rep, rep))
         fargs = (state, batch)
         what = f"train step, crop {cfg.crop} x batch {cfg.batch_size}"
     else:
