@@ -139,11 +139,12 @@ def nescm_reference(x, p, heads, window):
     return y.reshape(b, h, w, c)
 
 
-@pytest.mark.parametrize("heads,window", [(1, 3), (1, 5), (2, 5)])
+@pytest.mark.parametrize("heads,window", [(1, 3), (1, 5), (2, 5), (4, 3)])
 def test_nescm_scan_matches_unrolled(heads, window):
     """Every path against the per-band loop: the stacked-window scan (training; both conv
-    implementations) and, for one feature channel on CPU, the band-plane inference form
-    (``nescm_planes``), forward and forward-mode derivative (what jaxspec.analysis uses)."""
+    implementations) and the band-plane CPU inference form
+    (``nescm_planes``, any feature count), forward and forward-mode derivative (what
+    jaxspec.analysis uses)."""
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 5, 7 * heads))
     mod = ccnet.NeSCM(dim=7 * heads, heads=heads, window=window)
     params = mod.init(jax.random.PRNGKey(2), x)["params"]
@@ -153,14 +154,12 @@ def test_nescm_scan_matches_unrolled(heads, window):
             m = ccnet.NeSCM(dim=7 * heads, heads=heads, window=window, impl=impl)
             y = jax.jit(m.apply, static_argnums=2)({"params": params}, x, train)
             np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=1e-5)
-    if heads == 1:
-        planes = jax.jit(ccnet.nescm_planes, static_argnums=2)(x, params, window)
-        np.testing.assert_allclose(np.asarray(planes), np.asarray(ref), atol=1e-5, rtol=1e-5)
-        t = jax.random.normal(jax.random.PRNGKey(3), x.shape)
-        _, j_planes = jax.jvp(lambda z: ccnet.nescm_planes(z, params, window), (x,), (t,))
-        _, j_ref = jax.jvp(lambda z: ccnet.nescm_apply(z, params, 1, window), (x,), (t,))
-        np.testing.assert_allclose(np.asarray(j_planes), np.asarray(j_ref), atol=1e-5,
-                                   rtol=1e-5)
+    planes = jax.jit(ccnet.nescm_planes, static_argnums=(2, 3, 4))(x, params, window, 1, heads)
+    np.testing.assert_allclose(np.asarray(planes), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    t = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+    _, j_planes = jax.jvp(lambda z: ccnet.nescm_planes(z, params, window, 1, heads), (x,), (t,))
+    _, j_ref = jax.jvp(lambda z: ccnet.nescm_apply(z, params, heads, window), (x,), (t,))
+    np.testing.assert_allclose(np.asarray(j_planes), np.asarray(j_ref), atol=1e-5, rtol=1e-5)
     # both chains matter: a perturbation of the last band reaches the first band's output
     dx = jnp.zeros_like(x).at[..., -1].set(1.0)
     f = jax.jit(mod.apply)
@@ -203,6 +202,32 @@ def test_grscm_groups_are_independent():
     dy = f(x.at[..., 0].add(1.0)) - f(x)
     assert float(jnp.abs(dy[..., 8:]).max()) == 0.0
     assert float(jnp.abs(dy[..., :8]).max()) > 0.0           # same group: coupled
+
+
+@pytest.mark.parametrize("heads,groups", [(1, 4), (2, 2)])
+def test_grscm_cpu_gram_form_equals_the_literal_form(heads, groups):
+    """GrSCM's CPU form (Gram matrix, folded output matmul) against the literal form that
+    accelerators trace (group maps, normalised Q/K, ``layers.spectral_attention``, proj):
+    the same parameters, values and gradients (parameters and input), logit bias non-zero."""
+    x = jax.random.normal(jax.random.PRNGKey(7), (2, 5, 6, 16))
+    x = x.at[1, ..., 3].set(0.0)                     # a zero channel: the norms' eps clamp
+    mod = ccnet.GrSCM(dim=16, heads=heads, groups=groups)
+    params = jax.tree.map(lambda a: a, mod.init(jax.random.PRNGKey(8), x)["params"])
+    params["rse"] = jax.random.normal(jax.random.PRNGKey(9), params["rse"].shape)
+    params["rescale"] = params["rescale"] * 1.7
+    tgt = jax.random.normal(jax.random.PRNGKey(10), x.shape)
+
+    def run(platform):
+        def f(p, z):
+            with L.compiling_for(platform):
+                return mod.apply({"params": p}, z)
+        g = jax.grad(lambda p, z: jnp.sum(jnp.sin(f(p, z)) * tgt), (0, 1))(params, x)
+        return f(params, x), g
+
+    (y_cpu, g_cpu), (y_ref, g_ref) = run("cpu"), run("gpu")
+    np.testing.assert_allclose(y_cpu, y_ref, atol=1e-5, rtol=1e-5)
+    for a, r in zip(jax.tree_util.tree_leaves(g_cpu), jax.tree_util.tree_leaves(g_ref)):
+        np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-4)
 
 
 def test_paf_matches_per_patch_definition():

@@ -198,77 +198,98 @@ def _rnn_chains(seq: Array, p: dict, cell: str, impl: str, unroll) -> Array:
     return hs
 
 
-def _tshift(a: Array, e: int) -> Array:
-    """``a`` (T, ...) -> ``b[t] = a[t + e]``, zero where ``t + e`` is outside ``[0, T)``."""
-    if e == 0:
-        return a
-    pad = [(0, 0)] * a.ndim
-    pad[0] = (0, e) if e > 0 else (-e, 0)
-    return jnp.pad(a[e:] if e > 0 else a[:e], pad)
-
-
-def nescm_planes(x: Array, p: dict, window: int = 3, unroll=1) -> Array:
-    """:func:`nescm_apply` (CMU cell, one feature channel: ``heads = 1``) computed on band
-    planes ``(T, B, H, W)`` with the image width minor: the same function, rearranged for
-    XLA:CPU inference (about 2.5x faster than the stacked-window form at 496x512; its reverse
-    mode is slow, so training keeps the stacked form). Three exact rewrites:
+def nescm_planes(x: Array, p: dict, window: int = 3, unroll=1, heads: int = 1) -> Array:
+    """:func:`nescm_apply` (CMU cell, ``heads`` = ``n`` feature channels) computed on band
+    planes ``(T, n, B, H, W)`` with the image width minor: the same function, rearranged for
+    XLA:CPU inference (3-6x faster than the stacked-window form at 496x512; its reverse mode
+    is slow, so training keeps the stacked form). One ``fori_loop`` over the processing step
+    ``t`` runs both directions and writes the output as it goes:
 
     * window element ``j`` of a chain is the chain over the band sequence shifted by
-      ``e = j - (s-1)/2``, and a chain fed zeros from a zero memory stays zero, so every
-      ``e < 0`` chain is an ``e = 0`` chain delayed by ``-e`` bands: only the ``(s+1)/2``
-      chains with ``e >= 0`` run per direction (2 of 3 for ``s = 3``);
-    * the output Conv3D and the 1x1x1 fusion are linear: their kernels are folded into one
-      3x3 kernel per (direction, window element), and ``tanh(m) + x`` is split so the ``x``
-      part of both directions is one sum over shifted slices of one padded band stack;
-    * the 3x3 convolutions are sums of shifted slices of materialised padded planes times
-      scalars (one fused, vectorised loop; tiny channel counts make dot/conv kernels slow)."""
-    b, h, w, t_len = x.shape
+      ``e = j - (s-1)/2`` (backward: ``(s-1)/2 - j``), and a chain fed zeros from a zero
+      memory stays zero, so an ``e < 0`` chain is the ``e = 0`` chain ``-e`` steps earlier:
+      only the ``(s+1)/2`` chains with ``e >= 0`` run per direction, and the loop carries the
+      last ``(s-1)/2`` values of ``tanh`` of chain 0;
+    * the output Conv3D and the 1x1x1 fusion are linear: their kernels fold into one 3x3
+      kernel per (direction, window element, feature in, feature out), and the ``+ x_t`` part
+      of Eq. 7 of both directions into one. Step ``t`` adds the forward and ``x`` terms to
+      output band ``t`` and the backward terms to band ``T - 1 - t``;
+    * the 1x1x1 gate and the 3x3 convolutions are sums of (shifted) planes times scalars: the
+      few channels (``n`` <= 4 in CCNet) make dot/conv kernels slow. The planes carry a
+      one-pixel zero border (a chain fed zeros stays zero, so it stays a border), and every
+      tap is a static slice of a loop-carried plane (the loop carries the ``s`` input bands
+      around ``t``): a tap sliced from a dynamically sliced plane made XLA:CPU index it
+      element by element inside the sum (5-15x slower), and summing outside the loop let the
+      final band-last transpose into the sum's loop (7x slower)."""
+    b, h, w, c = x.shape
+    n = heads
+    t_len = c // n
     pd = (window - 1) // 2
-    seq = jnp.moveaxis(x, -1, 0)                                     # (T, B, H, W)
-    offs = range(pd + 1)
-    xs = tuple(_tshift(s_, e) for s_ in (seq, seq[::-1]) for e in offs)
-    dirs = tuple(d for d in (0, 1) for _ in offs)
-    gm, gx, gb = p["gate_m"][:, 0, 0], p["gate_x"][:, 0, 0], p["gate_b"][:, 0]
+    ne = pd + 1                                        # chains per direction: e = 0 .. pd
+    planes = jnp.moveaxis(x.reshape(b, h, w, n, t_len), (4, 3), (0, 1))   # (T, n, B, H, W)
+    gm, gx, gb = p["gate_m"], p["gate_x"], p["gate_b"]              # (2, n, n), (2, n)
+    fuse = p["fuse_kernel"].reshape(2, n, n)                          # (d, o, o')
+    a = jnp.einsum("duvjio,dop->duvjip", p["out_kernel"], fuse)     # (2, 3, 3, s, n, n)
+    a_x = a[0] + a[1]
+    bias = jnp.einsum("do,dop->p", p["out_bias"], fuse) + p["fuse_bias"]
+    elems = [[(j - pd) if d == 0 else (pd - j) for j in range(window)] for d in (0, 1)]
 
-    def step(m, xt):
-        new = []
-        for mc, xc, d in zip(m, xt, dirs):
-            g = jax.nn.sigmoid(mc * gm[d] + xc * gx[d] + gb[d])      # Eq. 5
-            new.append(g * mc + (1.0 - g) * xc)                       # Eq. 6
-        return tuple(new), tuple(new)
+    def load(band):           # band planes (n, B, H+2, W+2) with a zero border; 0 outside
+        band = jnp.asarray(band, jnp.int32)
+        inside = ((band >= 0) & (band < t_len)).astype(x.dtype)
+        pl = jax.lax.dynamic_slice(planes, (jnp.clip(band, 0, t_len - 1), 0, 0, 0, 0),
+                                   (1, n, b, h, w))[0] * inside
+        return jnp.pad(pl, ((0, 0), (0, 0), (1, 1), (1, 1)))
 
-    m0 = tuple(jnp.zeros((b, h, w), x.dtype) for _ in xs)
-    _, mem = jax.lax.scan(step, m0, xs, unroll=unroll)               # (T, B, H, W) each
-    fuse = p["fuse_kernel"][:, 0]                                    # (2,): fwd, bwd
-    a = p["out_kernel"][..., 0, 0] * fuse[:, None, None, None]       # (2, 3, 3, s)
-    bias = p["out_bias"][:, 0] @ fuse + p["fuse_bias"][0]
-    sp = ((1, 1), (1, 1))
-    terms = []
+    def conv(terms, o):       # [(planes (n, B, H+2, W+2), kernel (3, 3, n_in, n_out))] -> o
+        acc = None
+        for src, kern in terms:
+            for i in range(n):
+                for u in range(3):
+                    for v in range(3):
+                        term = src[i, :, u:u + h, v:v + w] * kern[u, v, i, o]
+                        acc = term if acc is None else acc + term
+        return acc
 
-    def add_conv(src, t0, kern):        # sum_{u,v} src[t0:t0+T, :, u:u+h, v:v+w] * kern[u, v]
-        for u in range(3):
-            for v in range(3):
-                terms.append(src[t0:t0 + t_len, :, u:u + h, v:v + w] * kern[u, v])
+    def add_band(out, band, y):                        # y (n, B, H, W)
+        old = jax.lax.dynamic_slice(out, (band, 0, 0, 0, 0), (1, n, b, h, w))
+        return jax.lax.dynamic_update_slice(out, old + y[None], (band, 0, 0, 0, 0))
 
-    # x part (Eq. 7's "+ x_t"): element j reads band t + j - pd in band order, both directions
-    xp = jax.lax.optimization_barrier(jnp.pad(seq, ((pd, pd), (0, 0)) + sp))
-    for j in range(window):
-        add_conv(xp, j, a[0, :, :, j] + a[1, :, :, j])
-    # memory part: tanh(m) of each computed chain, in band order, shifted for e < 0 elements
-    for d in (0, 1):
-        uses: dict[int, list] = {}
-        for j in range(window):
-            e = (j - pd) if d == 0 else (pd - j)                     # offset, processing order
-            src, shift = (e, 0) if e >= 0 else (0, e)
-            uses.setdefault(src, []).append((j, shift if d == 0 else -shift))
-        for e0, js in uses.items():
-            tm = jnp.tanh(mem[d * len(offs) + e0])
-            tm = tm if d == 0 else tm[::-1]                           # to band order
-            lo, hi = min(0, *(k for _, k in js)), max(0, *(k for _, k in js))
-            tmp = jax.lax.optimization_barrier(jnp.pad(tm, ((-lo, hi), (0, 0)) + sp))
-            for j, k in js:
-                add_conv(tmp, k - lo, a[d, :, :, j])
-    return jnp.moveaxis(sum(terms) + bias, 0, -1)                    # (B, H, W, T)
+    def step(t, carry):
+        # hist[d][k]: tanh(chain 0 of direction d), k + 1 steps ago; xwin: padded bands
+        # t .. t + 2 pd (carried, so the taps below are static slices of loop values)
+        m, hist, xwin, out = carry
+        new_m, new_hist, ys = [], [], []
+        for d in (0, 1):
+            th = []
+            for e in range(ne):
+                if d == 0:
+                    x_t = xwin[pd + e]
+                else:
+                    x_t = load(t_len - 1 - t - e)
+                mc = m[d * ne + e]
+                z = jnp.stack([gb[d, o] + sum(mc[i] * gm[d, i, o] + x_t[i] * gx[d, i, o]
+                                              for i in range(n)) for o in range(n)])
+                g = jax.nn.sigmoid(z)                                          # Eq. 5
+                mc = g * mc + (1.0 - g) * x_t                                  # Eq. 6
+                new_m.append(mc)
+                th.append(jnp.tanh(mc))
+            terms = [(th[e] if e >= 0 else hist[d][-e - 1], a[d, :, :, j])
+                     for j, e in enumerate(elems[d])]
+            ys.append(jnp.stack([conv(terms, o) for o in range(n)]))
+            new_hist.append((th[0],) + hist[d][:-1] if pd else ())
+        # Eq. 7's "+ x_t": bands t - pd .. t + pd around band t
+        x_terms = [(xwin[j], a_x[:, :, j]) for j in range(window)]
+        y_x = jnp.stack([conv(x_terms, o) + bias[o] for o in range(n)])
+        out = add_band(out, t, ys[0] + y_x)
+        out = add_band(out, t_len - 1 - t, ys[1])
+        return tuple(new_m), tuple(new_hist), xwin[1:] + (load(t + window - pd),), out
+
+    zero = jnp.zeros((n, b, h + 2, w + 2), x.dtype)
+    init = ((zero,) * (2 * ne), ((zero,) * pd,) * 2, tuple(load(k - pd) for k in range(window)),
+            jnp.zeros((t_len, n, b, h, w), x.dtype))
+    _, _, _, out = jax.lax.fori_loop(0, t_len, step, init, unroll=unroll)
+    return jnp.moveaxis(out, (0, 1), (4, 3)).reshape(b, h, w, c)   # channel h * C_in + t
 
 
 def nescm_apply(x: Array, p: dict, heads: int, window: int = 3, cell: str = "cmu",
@@ -312,6 +333,17 @@ class GrSCM(nn.Module):
     Parameters: ``to_q/to_k/to_v`` ``(k, C/k, C/k)`` (per-group linear maps, no bias, MST's
     trunc-normal 0.02 init), ``rescale`` (sigma) ``(k n, 1, 1)`` init 1, ``rse``
     ``(k n, C_in/k, C_in/k)`` init 0, ``proj`` (C -> C, bias) after merging groups and heads.
+
+    On the CPU (``layers.target_backend()``) the same function is evaluated by associativity,
+    as :class:`layers.SpectralMSA` does for MST++: with ``X`` (N x C), ``G = X^T X`` and the
+    block-diagonal ``C x C`` matrices ``B_q, B_k, B_v`` of the group maps, every unit's
+    ``K Q^T`` is a diagonal block of ``B_k^T G B_q`` and its column norms the diagonals of
+    ``B_q^T G B_q`` / ``B_k^T G B_k``; the output ``proj(A V)`` is ``X (B_v A_bd^T W_p) + b_p``
+    with ``A_bd`` the block-diagonal matrix of the softmaxed units. So the N-sized work is
+    two N x C x C matmuls (3.3x faster at 496 x 512 x 32 than forming Q, K and V, whose
+    per-group einsums XLA:CPU ran as transposes). Accelerators keep the literal form
+    (``layers.spectral_attention``; not measured there, and the TPU AOT rows of
+    docs/scaling.md compile it).
     """
     dim: int
     heads: int = 1
@@ -325,20 +357,49 @@ class GrSCM(nn.Module):
             raise ValueError(f"GrSCM(dim={self.dim}, groups={k}, heads={self.heads}) got "
                              f"{c} channels (needs dim divisible by groups * heads)")
         cg = c // k
+        units = k * self.heads
         d = cg // self.heads
         init = layers.trunc_normal_init(0.02)
-        xg = x.reshape(b, h * w, k, cg)
+        wq, wk, wv = (self.param(nm, init, (k, cg, cg)) for nm in ("to_q", "to_k", "to_v"))
+        rescale = self.param("rescale", nn.initializers.ones, (units, 1, 1))
+        rse = self.param("rse", nn.initializers.zeros, (units, d, d))
+        if layers.target_backend() != "cpu":
+            xg = x.reshape(b, h * w, k, cg)
 
-        def group_linear(name):
-            wt = self.param(name, init, (k, cg, cg))
-            y = jnp.einsum("bngc,gco->bngo", xg, wt)
-            return y.reshape(b, h * w, k * self.heads, d)      # channel g*cg + h*d + i
+            def group_linear(wt):
+                y = jnp.einsum("bngc,gco->bngo", xg, wt)
+                return y.reshape(b, h * w, units, d)           # channel g*cg + h*d + i
 
-        q, kk, v = (group_linear(nm) for nm in ("to_q", "to_k", "to_v"))
-        rescale = self.param("rescale", nn.initializers.ones, (k * self.heads, 1, 1))
-        rse = self.param("rse", nn.initializers.zeros, (k * self.heads, d, d))
-        out = layers.spectral_attention(q, kk, v, rescale, rse).reshape(b, h, w, c)
-        return layers.Linear(c, use_bias=True, name="proj")(out)
+            out = layers.spectral_attention(group_linear(wq), group_linear(wk),
+                                            group_linear(wv), rescale, rse)
+            return layers.Linear(c, use_bias=True, name="proj")(out.reshape(b, h, w, c))
+        wp, bp = layers._LinearParams(c, use_bias=True, name="proj")(c)
+        xf = x.reshape(b, h * w, c)
+        gram = jnp.einsum("bnc,bne->bce", xf, xf)                          # X^T X
+
+        def block_diag(blocks):          # (..., m, r, r) -> (..., m r, m r)
+            m, r = blocks.shape[-3], blocks.shape[-1]
+            full = jnp.einsum("...mij,mn->...minj", blocks, jnp.eye(m, dtype=blocks.dtype))
+            return full.reshape(*blocks.shape[:-3], m * r, m * r)
+
+        bq, bk, bv = (block_diag(wt) for wt in (wq, wk, wv))               # (C, C)
+        gq = jnp.einsum("bce,eo->bco", gram, bq)                             # G B_q
+        gk = jnp.einsum("bce,eo->bco", gram, bk)                             # G B_k
+        unit = np.arange(units)
+
+        def unit_blocks(full):           # (b, C, C) -> the units' diagonal (b, U, d, d)
+            return jnp.moveaxis(full.reshape(b, units, d, units, d)[:, unit, :, unit], 0, 1)
+
+        logits = unit_blocks(jnp.einsum("ci,bcj->bij", bk, gq))             # K Q^T
+        q_norm = jnp.sqrt(jnp.maximum(jnp.einsum("cj,bcj->bj", bq, gq), 0.0))
+        k_norm = jnp.sqrt(jnp.maximum(jnp.einsum("ci,bci->bi", bk, gk), 0.0))
+        q_norm = jnp.maximum(q_norm, 1e-12).reshape(b, units, d)
+        k_norm = jnp.maximum(k_norm, 1e-12).reshape(b, units, d)
+        logits = logits / (k_norm[..., :, None] * q_norm[..., None, :])
+        attn = jax.nn.softmax(rse[None] + rescale[None] * logits, axis=-1)   # (b, U, d, d)
+        mix = jnp.einsum("ce,bfe,fo->bco", bv, block_diag(attn), wp)         # B_v A^T W_p
+        out = jnp.einsum("bnc,bco->bno", xf, mix) + bp
+        return out.reshape(b, h, w, c)
 
 
 class NeSCM(nn.Module):
@@ -357,7 +418,7 @@ class NeSCM(nn.Module):
     cell: str = "cmu"
     impl: str = "auto"
     unroll: int | bool = 1
-    planes: bool = True         # inference on CPU with one feature channel: nescm_planes
+    planes: bool = True         # inference on CPU, <= 4 feature channels: nescm_planes
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -380,11 +441,12 @@ class NeSCM(nn.Module):
                              f"{self.cell!r}")
         p["fuse_kernel"] = self.param("fuse_kernel", _conv_init(2 * n), (2 * n, n))
         p["fuse_bias"] = self.param("fuse_bias", _conv_init(2 * n), (n,))
-        if (self.planes and not train and self.cell == "cmu" and n == 1
+        if (self.planes and not train and self.cell == "cmu" and n <= 4
                 and layers.resolve_depthwise_impl(self.impl) == "shift"):
-            if x.shape[-1] != self.dim:
-                raise ValueError(f"NeSCM(dim={self.dim}) got {x.shape[-1]} channels")
-            return nescm_planes(x, p, s, self.unroll)
+            if x.shape[-1] != self.dim or self.dim % n:
+                raise ValueError(f"NeSCM(dim={self.dim}, heads={n}) got {x.shape[-1]} "
+                                 f"channels")
+            return nescm_planes(x, p, s, self.unroll, n)
         return nescm_apply(x, p, n, s, self.cell, self.impl, self.unroll)
 
 
