@@ -235,7 +235,7 @@ def out_of_hbm_bytes(message: str) -> int | None:
 
 
 def max_per_chip_batch(method_name: str, topology: str, *, start: int = 1, limit: int = 4096,
-                       probe=None, **kw) -> tuple[int, dict | None]:
+                       probe=None, log=None, **kw) -> tuple[int, dict | None]:
     """Largest per-chip batch whose step fits HBM (exact, or within 12.5 % above 8), and its
     report (0 and None when even ``start`` does not fit).
 
@@ -247,7 +247,8 @@ def max_per_chip_batch(method_name: str, topology: str, *, start: int = 1, limit
     either (XLA's layouts can make HBM jump); doubling (no line yet) and bisection
     (prediction outside that interval) are the fallbacks. A correct prediction ends the search
     in two more compiles (``b`` fits, ``b + 1`` does not). ``probe(b)`` replaces the compile
-    (tests); it returns the report of :func:`analyse`."""
+    (tests); it returns the report of :func:`analyse`. ``log(line)``, when given, hears one line
+    per probe (batch, HBM, verdict, seconds), as a search can take an hour on a CPU."""
     if probe is None:
         def probe(b):
             return analyse(method_name, topology, per_chip_batch=b, **kw)
@@ -256,8 +257,13 @@ def max_per_chip_batch(method_name: str, topology: str, *, start: int = 1, limit
     lo, hi, best, cap = 0, None, None, None
     b = int(start)
     while True:
+        t0 = time.perf_counter()
         r = probe(b)
         samples[b] = int(r["hbm_bytes"])
+        if log is not None:
+            log(f"{method_name} {topology} per-chip batch {b}: {_fmt_bytes(samples[b])} of "
+                f"{_fmt_bytes(r['hbm_capacity'])}, {'fits' if r['fits'] else 'does not fit'} "
+                f"({time.perf_counter() - t0:.0f} s)")
         if r["fits"]:
             fit_batches.add(b)
         cap = int(r["hbm_capacity"])
@@ -376,6 +382,10 @@ def table_row(r: dict) -> str:
             f"({rf['bound']}) | {rf['images_per_s']:.4g} |")
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     from jaxspec.errors import run_cli
     return run_cli(_main, argv, prog="python -m jaxspec.scale")
@@ -398,7 +408,7 @@ def _main(argv=None) -> int:
         for topo in args.topology.split(","):
             for m in args.table.split(","):
                 if args.max_batch:        # the row at the largest per-chip batch that fits
-                    b, r = max_per_chip_batch(m, topo, **kw)
+                    b, r = max_per_chip_batch(m, topo, log=_stderr, **kw)
                     if r is None:
                         print(f"| {m} | {topo} | even per-chip batch 1 does not fit |")
                         continue
@@ -412,7 +422,7 @@ def _main(argv=None) -> int:
     if args.method is None:
         raise UsageError("give --method (or --table METHODS)")
     if args.max_batch:
-        b, r = max_per_chip_batch(args.method, args.topology, **kw)
+        b, r = max_per_chip_batch(args.method, args.topology, log=_stderr, **kw)
         if r is None:
             print(f"{args.method}: even per-chip batch 1 does not fit {args.topology}")
             return 1

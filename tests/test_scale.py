@@ -196,7 +196,9 @@ def test_max_batch_search_finds_the_boundary_in_few_compiles(fixed, per, bump):
         calls.append(b)
         return {"hbm_bytes": hbm(b), "hbm_capacity": cap, "fits": hbm(b) <= cap}
 
-    b, r = scale.max_per_chip_batch("m", "v5e:2x2", probe=probe)
+    lines = []
+    b, r = scale.max_per_chip_batch("m", "v5e:2x2", probe=probe, log=lines.append)
+    assert len(lines) == len(calls) and f"per-chip batch {calls[0]}:" in lines[0]
     truth = max((k for k in range(1, 5000) if hbm(k) <= cap), default=0)
     if truth == 0:
         assert (b, r) == (0, None) and calls == [1]
