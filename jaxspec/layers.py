@@ -315,6 +315,35 @@ def _shift_correlate(xp: Array, k: Array, h_out: int, w_out: int) -> Array:
     return y
 
 
+def bordered_plane(planes: Array, index) -> Array:
+    """``planes[index]`` of a stack ``(N, ..., H, W)`` with a one-pixel zero border on ``H``
+    and ``W``, all zeros when the (traced) ``index`` is outside ``[0, N)``: one dynamic slice.
+
+    With :func:`plane_taps`, the pieces of the plane forms of CPU recurrences over bands or
+    channels (``acc.acc_coupling_planes``, ``ccnet.nescm_planes``): load the next plane with
+    this once per loop step and carry it, so that every 3x3 tap is a static slice of a loop
+    value (a tap sliced from a dynamically sliced plane is indexed element by element by
+    XLA:CPU, 5-15x slower; padding inside the tap sum is as slow)."""
+    index = jnp.asarray(index, jnp.int32)
+    n = planes.shape[0]
+    inside = ((index >= 0) & (index < n)).astype(planes.dtype)
+    plane = lax.dynamic_index_in_dim(planes, jnp.clip(index, 0, n - 1), 0, keepdims=False)
+    return jnp.pad(plane * inside, [(0, 0)] * (plane.ndim - 2) + [(1, 1), (1, 1)])
+
+
+def plane_taps(src: Array, k: Array, acc: Array | None = None) -> Array:
+    """``acc + sum_{u,v} src[..., u:u+H, v:v+W] * k[u, v]``: the zero-padded 'SAME' 3x3
+    cross-correlation of a plane stored with its one-pixel zero border (``src`` of shape
+    ``(..., H+2, W+2)``, ``k`` a (3, 3) kernel of scalars; ``acc`` None starts the sum). See
+    :func:`bordered_plane`."""
+    h, w = src.shape[-2] - 2, src.shape[-1] - 2
+    for u in range(3):
+        for v in range(3):
+            term = src[..., u:u + h, v:v + w] * k[u, v]
+            acc = term if acc is None else acc + term
+    return acc
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _dw_shift(x: Array, k: Array, pads) -> Array:
     """Shift-add depthwise correlation with a custom JVP shaped for reverse mode.
@@ -460,7 +489,7 @@ class Linear(nn.Module):
         return y
 
 
-class _LinearParams(nn.Module):
+class LinearParams(nn.Module):
     """The parameters of a :class:`Linear` (same names, shapes, init and PRNG path), returned
     as ``(kernel, bias-or-None)`` for layers that use the weights in a folded product."""
     features: int
@@ -552,11 +581,11 @@ class SpectralMSA(nn.Module):
         # so A V and the projection are one N x C x C matmul. Outputs equal the literal
         # formulation to float rounding (tests/test_layers.py checks a NumPy transcription of
         # the PyTorch forward).
-        wq = _LinearParams(dh * self.heads, use_bias=False, name="to_q")(c)[0]
-        wk = _LinearParams(dh * self.heads, use_bias=False, name="to_k")(c)[0]
+        wq = LinearParams(dh * self.heads, use_bias=False, name="to_q")(c)[0]
+        wk = LinearParams(dh * self.heads, use_bias=False, name="to_k")(c)[0]
         v_inp = Linear(dh * self.heads, use_bias=False, name="to_v")(x)
         rescale = self.param("rescale", nn.initializers.ones, (self.heads, 1, 1))
-        wp, bp = _LinearParams(self.dim, use_bias=True, name="proj")(dh * self.heads)
+        wp, bp = LinearParams(self.dim, use_bias=True, name="proj")(dh * self.heads)
 
         xf = x.reshape(b, h * w, c)
         gram_x = jnp.einsum("bnc,bne->bce", xf, xf)                       # X^T X

@@ -187,16 +187,9 @@ def acc_coupling_planes(x: Array, value: Array, query: Array, key: Array, *,
     border = ((0, 0), (1, 1), (1, 1))
 
     def load(ch):             # channel ch as a (B, H+2, W+2) plane with a zero border
-        ch = jnp.clip(ch, 0, c - 1)
-        return jnp.pad(jax.lax.dynamic_slice(planes, (ch, 0, 0, 0), (1, b, h, w))[0], border)
+        return layers.bordered_plane(planes, ch)
 
-    def conv(src, k):         # src (B, H+2, W+2) a loop value, k (3, 3) -> (B, H, W)
-        out = None
-        for u in range(3):
-            for v in range(3):
-                term = src[:, u:u + h, v:v + w] * k[u, v]
-                out = term if out is None else out + term
-        return out
+    conv = layers.plane_taps  # src (B, H+2, W+2) a loop value, k (3, 3) -> (B, H, W)
 
     def kern(k, d, ch):
         return jax.lax.dynamic_slice(k, (d, ch, 0, 0), (1, 1, 3, 3))[0, 0]

@@ -235,20 +235,13 @@ def nescm_planes(x: Array, p: dict, window: int = 3, unroll=1, heads: int = 1) -
     elems = [[(j - pd) if d == 0 else (pd - j) for j in range(window)] for d in (0, 1)]
 
     def load(band):           # band planes (n, B, H+2, W+2) with a zero border; 0 outside
-        band = jnp.asarray(band, jnp.int32)
-        inside = ((band >= 0) & (band < t_len)).astype(x.dtype)
-        pl = jax.lax.dynamic_slice(planes, (jnp.clip(band, 0, t_len - 1), 0, 0, 0, 0),
-                                   (1, n, b, h, w))[0] * inside
-        return jnp.pad(pl, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        return layers.bordered_plane(planes, band)
 
     def conv(terms, o):       # [(planes (n, B, H+2, W+2), kernel (3, 3, n_in, n_out))] -> o
         acc = None
         for src, kern in terms:
             for i in range(n):
-                for u in range(3):
-                    for v in range(3):
-                        term = src[i, :, u:u + h, v:v + w] * kern[u, v, i, o]
-                        acc = term if acc is None else acc + term
+                acc = layers.plane_taps(src[i], kern[:, :, i, o], acc)
         return acc
 
     def add_band(out, band, y):                        # y (n, B, H, W)
@@ -373,7 +366,7 @@ class GrSCM(nn.Module):
             out = layers.spectral_attention(group_linear(wq), group_linear(wk),
                                             group_linear(wv), rescale, rse)
             return layers.Linear(c, use_bias=True, name="proj")(out.reshape(b, h, w, c))
-        wp, bp = layers._LinearParams(c, use_bias=True, name="proj")(c)
+        wp, bp = layers.LinearParams(c, use_bias=True, name="proj")(c)
         xf = x.reshape(b, h * w, c)
         gram = jnp.einsum("bnc,bne->bce", xf, xf)                          # X^T X
 
