@@ -141,11 +141,14 @@ def test_windowed_nonlocal_matches_per_window_definition():
     np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), atol=1e-5)
 
 
-@pytest.mark.parametrize("scale,shift", [(0.5, "bound"), (4.0, "bound"), (40.0, "rowmax")])
-def test_nonlocal_row_blocks_equal_whole_windows_values_and_grads(scale, shift):
-    # row blocks shift each softmax row by its Cauchy-Schwarz bound, or by the row max when
-    # max |theta|^2 >= 80 n (scale 40: logits in the hundreds); both equal the whole-window
-    # jax.nn.softmax form, values and gradients
+@pytest.mark.parametrize("scale,shift,row_block,blocks", [
+    (0.5, "sym", 6, 16), (2.0, "sym", 6, 16), (0.5, "sym", 32, 2), (40.0, "rowmax", 6, 16)])
+def test_nonlocal_row_blocks_equal_whole_windows_values_and_grads(scale, shift, row_block,
+                                                                 blocks):
+    # the symmetric blocks of exp(l_ij - a_i - a_j) (each above the diagonal used for both
+    # triangles), or blocks of rows shifted by the row max when max |theta|^2 >= 40 n
+    # (scale 40: logits in the hundreds); both equal the whole-window jax.nn.softmax form,
+    # values and gradients
     x = jax.random.normal(jax.random.PRNGKey(10), (2, 12, 10, 6))   # padded to 16 x 16
     full = acc.WindowedNonLocal(window=8, window_batch=None)
     p = full.init(jax.random.PRNGKey(0), x)["params"]
@@ -155,9 +158,9 @@ def test_nonlocal_row_blocks_equal_whole_windows_values_and_grads(scale, shift):
                                               mode="reflect"), np.asarray(p["theta"]["kernel"]))
     theta = theta.reshape(2, 2, 8, 2, 8, -1).transpose(0, 1, 3, 2, 4, 5).reshape(8, 64, -1)
     big2 = np.sum((theta - theta.mean(1, keepdims=True)) ** 2, axis=2).max(axis=1)
-    assert np.all(big2 < 80 * 64) if shift == "bound" else np.all(big2 >= 80 * 64), big2
-    rows = acc.WindowedNonLocal(window=8, window_batch=4, row_block=6)   # 6 -> 4 | 64 rows
-    assert rows._row_block(64) == 4 and full._row_block(64) is None
+    assert np.all(big2 < 40 * 64) if shift == "sym" else np.all(big2 >= 40 * 64), big2
+    rows = acc.WindowedNonLocal(window=8, window_batch=4, row_block=row_block)  # 6 -> 4 | 64
+    assert rows._row_block(64) == 64 // blocks and full._row_block(64) is None
     np.testing.assert_allclose(np.asarray(rows.apply({"params": p}, x)),
                                np.asarray(full.apply({"params": p}, x)), atol=1e-5 * scale,
                                rtol=1e-5)

@@ -297,15 +297,18 @@ class WindowedNonLocal(nn.Module):
 
     * ``window_batch=None``: every window at once (``vmap``), the whole ``n x n`` matrix of each
       -- what XLA's cost analysis counts in full, and what accelerators want;
-    * ``row_block`` rows at a time (``"auto"``: 256 on the CPU backend, off elsewhere): windows
-      one after the other, each in blocks of rows, ``(e @ [V 1])`` -> numerator and row sum,
-      with ``e = exp(l - m)`` for the block's logits ``l`` and a per-row shift ``m`` (rows of
-      a softmax are independent and shift-invariant, so blocking them is exact): ``m_i`` is
-      the Cauchy-Schwarz bound ``|theta_i| max_j |theta_j| / n`` folded into the logits
-      matmul, or the row max when that bound could underflow (``lax.cond``) and for windows
-      of one block. A block's logits (256 x 4096 floats at full resolution) stay in cache
-      instead of streaming 16 windows' 64 MiB matrices through memory five times; 10x faster
-      on XLA:CPU for the 64 full-resolution windows;
+    * ``row_block`` rows at a time (``"auto"``: 512 on the CPU backend, off elsewhere): windows
+      one after the other, each in ``row_block x row_block`` blocks of the matrix
+      ``S_ij = exp(l_ij - a_i - a_j)``, ``a_i = |theta_i|^2 / 2n``, which is symmetric and
+      <= 1 (Cauchy-Schwarz): softmax row ``i`` is ``sum_j S_ij w_j v_j / sum_j S_ij w_j`` with
+      ``w_j = exp(a_j - max a)`` (the shift of each row cancels), so each block above the
+      diagonal is computed once and serves both triangles (half the exps and logits), the
+      shifts are folded into the logits matmul and the row sums come out of the value matmul
+      (``[w v, w]``). The row-max form (blocks of rows) runs instead where the row sums could
+      underflow (``lax.cond``) and for windows of one block. A block stays in cache instead
+      of streaming 16 windows' 64 MiB matrices through memory five times: 10x faster on
+      XLA:CPU than whole matrices for the 64 full-resolution windows, and the symmetric
+      blocks 1.2x faster again than blocks of rows;
     * otherwise ``window_batch`` windows of every image at a time (``jax.lax.map``), whole
       matrices.
 
@@ -320,7 +323,7 @@ class WindowedNonLocal(nn.Module):
     def _row_block(self, n: int) -> int | None:
         rb = self.row_block
         if rb == "auto":
-            rb = 256 if layers.target_backend() == "cpu" else None
+            rb = 512 if layers.target_backend() == "cpu" else None
         if rb is None or self.window_batch is None:
             return None
         if not isinstance(rb, int) or rb < 1:
@@ -369,37 +372,62 @@ class WindowedNonLocal(nn.Module):
 
             return jax.lax.map(rows, th.reshape(-1, rb, d)).reshape(th.shape[0], d)
 
-        def attend_rows_bounded(q, k_t, v1):
-            def rows(r):
-                o = jnp.exp(r @ k_t) @ v1
-                return o[:, :d] / o[:, d:]
+        def attend_pairs(q, k_t, v1):  # one image: (nb, rb, d+2), (nb, d+2, rb), (nb, rb, d+1)
+            # S = exp(logits - a_i - a_j) is symmetric: the blocks S_IJ with I < J serve
+            # rows I (S_IJ V_J) and rows J (V_I^T S_IJ, accumulated transposed: XLA:CPU's
+            # fast layout), so half the exps and logits of the full matrix are computed
+            nb = q.shape[0]
+            out = jax.vmap(lambda a, b_, c_: jnp.exp(a @ b_) @ c_)(q, k_t, v1)   # S_II V_I
+            if nb == 1:
+                return out
+            v1_t = v1.swapaxes(1, 2)                                              # (nb, d+1, rb)
+            pi, pj = (jnp.asarray(a, jnp.int32) for a in np.triu_indices(nb, 1))
 
-            return jax.lax.map(rows, q.reshape(-1, rb, d + 1)).reshape(q.shape[0], d)
+            def pair(p_, carry):
+                o, o_t = carry
+                i, j = pi[p_], pj[p_]
+                e = jnp.exp(q[i] @ k_t[j])                                        # S_IJ
+                o = o.at[i].add(e @ v1[j])
+                o_t = o_t.at[j].add(v1_t[i] @ e)
+                return o, o_t
+
+            out, out_t = jax.lax.fori_loop(0, pi.shape[0], pair,
+                                           (out, jnp.zeros_like(v1_t)))
+            return out + out_t.swapaxes(1, 2)
 
         def attend_rows(t):  # t: (b, n, 2d), one window of every image
-            # Softmax rows are invariant to a shift per row. Instead of each row's max (a
-            # pass over the logits), shift row i by its Cauchy-Schwarz bound
-            # m_i = |th_i| max_j |th_j| / n >= l_ij, folded into the logits matmul as an extra
-            # column; the row sums come out of the value matmul as an extra column of ones.
-            # Two fewer passes over the rb x n block (a full-resolution level-0 block 22 %
-            # faster). The row sums are >= their shifted diagonal >= exp(-max|th|^2 / 4n); the
-            # backward pass divides by their squares, so beyond max|th|^2 = 80 n (row sums
-            # < e^-20) in any image of the batch the rowmax form runs instead (one branch for
-            # the batch: a per-image ``cond`` under ``vmap`` would run both).
+            # Softmax rows are invariant to a shift per row, and row i of softmax(L) V is
+            # sum_j S_ij w_j v_j / sum_j S_ij w_j with S_ij = exp(l_ij - a_i - a_j) and
+            # w_j = exp(a_j - max a), a_i = |th_i|^2 / 2n: the factor exp(a_i) cancels.
+            # S is symmetric and <= 1 (l_ij <= |th_i||th_j|/n <= a_i + a_j): its blocks are
+            # computed once for both triangles (:func:`attend_pairs`), the shifts are folded
+            # into the logits matmul as two extra columns and the row sums come out of the
+            # value matmul as an extra column (w). The row sums are >= S_ii w_i =
+            # w_i >= exp(-max|th|^2 / 2n); the backward pass divides by their squares, so
+            # beyond max|th|^2 = 40 n (row sums < e^-20) in any image of the batch the rowmax
+            # form runs instead (one branch for the batch: a per-image ``cond`` under ``vmap``
+            # would run both).
             n = t.shape[1]
             th, v = t[..., :d], t[..., d:]
             th = th - th.mean(axis=1, keepdims=True)
             if n == rb:     # one block (e.g. 16x16 training crops): the plain form is faster
                 return per_image(attend_rows_rowmax)(th, v)
-            norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(th * th, axis=-1)))    # (b, n)
-            big = jnp.max(norm, axis=1, keepdims=True)                           # (b, 1)
+            nb = n // rb
+            a = jax.lax.stop_gradient(jnp.sum(th * th, axis=-1, keepdims=True)) / (2 * n)
+            big = jnp.max(a, axis=1, keepdims=True)                            # (b, 1, 1)
+            w = jnp.exp(a - big)
             ones = jnp.ones(th.shape[:2] + (1,), t.dtype)
-            q = jnp.concatenate([th / n, -(norm * big / n)[..., None]], axis=-1)
-            k_t = jnp.concatenate([th, ones], axis=-1).swapaxes(1, 2)
-            v1 = jnp.concatenate([v, ones], axis=-1)
-            return jax.lax.cond(jnp.all(big * big < 80.0 * n),
-                                lambda: per_image(attend_rows_bounded)(q, k_t, v1),
-                                lambda: per_image(attend_rows_rowmax)(th, v))
+            q = jnp.concatenate([th / n, -a, ones], axis=-1).reshape(b, nb, rb, d + 2)
+            k_t = jnp.concatenate([th, ones, -a], axis=-1).reshape(b, nb, rb, d + 2)
+            v1 = jnp.concatenate([v * w, w], axis=-1).reshape(b, nb, rb, d + 1)
+            pairs = per_image(attend_pairs)
+
+            def sym():
+                o = pairs(q, k_t.swapaxes(2, 3), v1).reshape(b, n, d + 1)
+                return o[..., :d] / o[..., d:]
+
+            return jax.lax.cond(jnp.all(big < 20.0),
+                                sym, lambda: per_image(attend_rows_rowmax)(th, v))
 
         rb = self._row_block(wh * ww)
         if rb is not None:
