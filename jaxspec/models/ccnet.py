@@ -250,16 +250,14 @@ def nescm_planes(x: Array, p: dict, window: int = 3, unroll=1, heads: int = 1) -
 
     def step(t, carry):
         # hist[d][k]: tanh(chain 0 of direction d), k + 1 steps ago; xwin: padded bands
-        # t .. t + 2 pd (carried, so the taps below are static slices of loop values)
-        m, hist, xwin, out = carry
+        # t - pd .. t + pd, bwin: bands T-1-t .. T-1-t-pd (carried, so the taps below are
+        # static slices of loop values and each step loads one band per direction)
+        m, hist, xwin, bwin, out = carry
         new_m, new_hist, ys = [], [], []
         for d in (0, 1):
             th = []
             for e in range(ne):
-                if d == 0:
-                    x_t = xwin[pd + e]
-                else:
-                    x_t = load(t_len - 1 - t - e)
+                x_t = xwin[pd + e] if d == 0 else bwin[e]
                 mc = m[d * ne + e]
                 z = jnp.stack([gb[d, o] + sum(mc[i] * gm[d, i, o] + x_t[i] * gx[d, i, o]
                                               for i in range(n)) for o in range(n)])
@@ -276,12 +274,14 @@ def nescm_planes(x: Array, p: dict, window: int = 3, unroll=1, heads: int = 1) -
         y_x = jnp.stack([conv(x_terms, o) + bias[o] for o in range(n)])
         out = add_band(out, t, ys[0] + y_x)
         out = add_band(out, t_len - 1 - t, ys[1])
-        return tuple(new_m), tuple(new_hist), xwin[1:] + (load(t + window - pd),), out
+        return (tuple(new_m), tuple(new_hist), xwin[1:] + (load(t + window - pd),),
+                bwin[1:] + (load(t_len - 2 - t - pd),), out)
 
     zero = jnp.zeros((n, b, h + 2, w + 2), x.dtype)
     init = ((zero,) * (2 * ne), ((zero,) * pd,) * 2, tuple(load(k - pd) for k in range(window)),
+            tuple(load(t_len - 1 - e) for e in range(ne)),
             jnp.zeros((t_len, n, b, h, w), x.dtype))
-    _, _, _, out = jax.lax.fori_loop(0, t_len, step, init, unroll=unroll)
+    out = jax.lax.fori_loop(0, t_len, step, init, unroll=unroll)[-1]
     return jnp.moveaxis(out, (0, 1), (4, 3)).reshape(b, h, w, c)   # channel h * C_in + t
 
 
