@@ -475,3 +475,21 @@ def test_count_flops_matmul():
     a = jax.ShapeDtypeStruct((64, 32), jnp.float32)
     b = jax.ShapeDtypeStruct((32, 16), jnp.float32)
     assert count_flops(jnp.matmul, a, b) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+
+
+def test_bordered_plane_and_plane_taps_are_a_zero_padded_3x3_correlation():
+    """plane_taps(bordered_plane(x, i), k) is x[i] correlated with k ('SAME', zero padding),
+    an index outside the stack gives a zero plane, and ``acc`` continues a sum."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 5, 6))         # (N, B, H, W)
+    k = jax.random.normal(jax.random.PRNGKey(1), (3, 3))
+    ref = jax.lax.conv_general_dilated(x[2][..., None], k[:, :, None, None], (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))[..., 0]
+    plane = jax.jit(L.bordered_plane)(x, jnp.int32(2))
+    assert plane.shape == (2, 7, 8)
+    np.testing.assert_array_equal(np.asarray(plane[:, 1:-1, 1:-1]), np.asarray(x[2]))
+    np.testing.assert_array_equal(np.asarray(plane[:, 0]), 0.0)
+    np.testing.assert_allclose(np.asarray(L.plane_taps(plane, k)), np.asarray(ref), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(L.plane_taps(plane, k, acc=ref)), 2 * np.asarray(ref),
+                               atol=1e-5)
+    for i in (-1, 4):
+        np.testing.assert_array_equal(np.asarray(L.bordered_plane(x, i)), 0.0)
