@@ -175,49 +175,6 @@ def test_augmentation_is_joint(train_src):
                                    rtol=1e-6, atol=1e-7)
 
 
-def test_exposure_augmentation_scales_rgb_and_hsi_together(train_src):
-    """exposure=s: rgb and hsi of a crop are the unscaled crop times one gain in [1/s, s]
-    (rgb == project(hsi) still holds), the gains vary, other keys are untouched, s=1 is the
-    old stream, and data that is not linear float is refused."""
-    from jaxspec import physics
-    srf = physics.get_srf("cie1964").astype(np.float64)
-    it = D.make_loader(train_src, batch_size=4, crop=12, seed=3, normalization="none",
-                       prefetch=0, shard=(0, 1), exposure=4.0)
-    for batch in _take(it, 2):
-        np.testing.assert_allclose(batch["rgb"], batch["hsi"].astype(np.float64) @ srf,
-                                   rtol=1e-6, atol=1e-7)
-    base = {"rgb": np.ones((6, 6, 3), np.float32), "hsi": np.full((6, 6, 2), 2, np.float32),
-            "label": np.ones((6, 6), np.int32)}
-    gains = []
-    for seed in range(60):
-        plain = D.random_crop_augment(base, np.random.default_rng(seed), 4)
-        out = D.random_crop_augment(base, np.random.default_rng(seed), 4, exposure=4.0)
-        g = out["rgb"] / plain["rgb"]
-        assert np.ptp(g) == 0 and np.allclose(out["hsi"] / plain["hsi"], g[0, 0, 0])
-        np.testing.assert_array_equal(out["label"], plain["label"])
-        gains.append(float(g[0, 0, 0]))
-    assert 0.25 <= min(gains) < 0.5 and 2.0 < max(gains) <= 4.0
-    assert np.mean(np.log(gains)) == pytest.approx(0.0, abs=0.25)   # log-uniform, centred
-    same = D.random_crop_augment(base, np.random.default_rng(0), 4, exposure=1.0)
-    np.testing.assert_array_equal(same["rgb"], base["rgb"][:4, :4])
-    with pytest.raises(ValueError, match="linear float data, 'rgb' is uint8"):
-        D.random_crop_augment(dict(base, rgb=np.ones((6, 6, 3), np.uint8)),
-                              np.random.default_rng(0), 4, exposure=2.0)
-    with pytest.raises(ValueError, match="needs normalization='none', got 'minmax'"):
-        D.make_loader(train_src, batch_size=4, crop=12, exposure=2.0)
-    with pytest.raises(ValueError, match=">= 1"):
-        D.make_loader(train_src, batch_size=4, crop=12, normalization="none", exposure=0.5)
-
-
-def test_exposure_augment_config_errors():
-    from jaxspec.configs.base import Config
-    with pytest.raises(ValueError, match="needs rgb_norm='none'"):
-        Config(method="acc", preset="x", exposure_augment=2.0)
-    with pytest.raises(ValueError, match="must be >= 1"):
-        Config(method="acc", preset="x", rgb_norm="none", exposure_augment=0.9)
-    assert Config(method="acc", preset="x", rgb_norm="none", exposure_augment=2.0)
-
-
 def test_augmentation_uses_all_dihedral_ops():
     rng = np.random.default_rng(0)
     base = {"rgb": np.arange(4 * 4 * 3, dtype=np.float32).reshape(4, 4, 3),

@@ -33,10 +33,6 @@ class Config:
     batch_size: int = 8
     rgb_norm: str = "minmax"          # "minmax" (MST++), "none", "div255"
     augment: str = "dihedral"         # train crops: "dihedral" (rot90 + flips), "flips", "none"
-    # Exposure augmentation of train crops (linear data, rgb_norm="none"): rgb and hsi scaled
-    # together by exp(U(-ln s, ln s)), s = this; 1.0 = off. Teaches the exposure equivariance a
-    # linear camera has (Lin & Finlayson 2019); see docs/datasets.md.
-    exposure_augment: float = 1.0
     bands: int | None = None          # HSI band count; None = from the dataset (filled at start)
     # Fusion pairs synthesised from the HSI (jaxspec.data.fusion.Degradation fields: scale, psf,
     # psf_size, sigma, srf, snr_hsi, snr_msi, protocol, ...); read by the "fusion" task only.
@@ -92,13 +88,6 @@ class Config:
                 object.__setattr__(self, f, tuple(v))
         if self.augment not in AUGMENTS:
             raise ValueError(f"config.augment must be one of {AUGMENTS}, got {self.augment!r}")
-        if not float(self.exposure_augment) >= 1.0:
-            raise ValueError("config.exposure_augment must be >= 1 (1 = off), got "
-                             f"{self.exposure_augment!r}")
-        if self.exposure_augment != 1.0 and self.rgb_norm != "none":
-            raise ValueError("config.exposure_augment scales linear RGB and HSI together and "
-                             f"needs rgb_norm='none' (got {self.rgb_norm!r}: a per-image "
-                             "normalisation would undo it on the RGB only)")
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)

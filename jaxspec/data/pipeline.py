@@ -108,28 +108,16 @@ def dihedral(a: np.ndarray, rng: np.random.Generator, augment="dihedral") -> np.
     return np.ascontiguousarray(_transform(a, _draw_transform(rng, _augment_mode(augment))))
 
 
-_RADIOMETRIC_KEYS = ("rgb", "hsi")     # linear in the light: scaled by exposure augmentation
-
-
 def random_crop_augment(example: dict, rng: np.random.Generator, crop: int | None,
-                        augment="dihedral", keys: Sequence[str] = _SPATIAL_KEYS,
-                        exposure: float = 1.0) -> dict:
+                        augment="dihedral", keys: Sequence[str] = _SPATIAL_KEYS) -> dict:
     """Random ``crop``×``crop`` window + random transform, jointly for ``keys``.
 
     ``augment``: ``"dihedral"`` / ``True`` (``rot90`` by k ∈ {0,1,2,3}, vertical flip and
     horizontal flip, each p = 0.5, MST++'s ``arguement``), ``"flips"`` (the two flips only: the
     ACC paper) or ``"none"`` / ``False``. The same window and transform are applied to every
     spatial array in ``keys``; other entries pass through.
-
-    ``exposure`` = s > 1: ``rgb`` and ``hsi`` are also multiplied by one factor
-    ``exp(U(-ln s, ln s))`` (drawn after the transform, so s = 1 leaves the stream unchanged):
-    a linear camera's RGB and the scene's radiance scale together with the light, and a model
-    trained so learns the exposure equivariance a linear map has by construction (dark
-    pixels, where MRAE's 1/gt weighting puts its mass, are brighter pixels scaled down).
     """
     mode = _augment_mode(augment)
-    if not exposure >= 1.0:
-        raise ValueError(f"exposure augmentation range must be >= 1 (1 = off), got {exposure!r}")
     spatial = [k for k in keys if k in example and np.ndim(example[k]) >= 2]
     if not spatial:
         raise ValueError(f"example has none of the spatial keys {list(keys)}")
@@ -147,14 +135,6 @@ def random_crop_augment(example: dict, rng: np.random.Generator, crop: int | Non
         if crop is not None:
             a = a[y0:y0 + crop, x0:x0 + crop]
         out[k] = np.ascontiguousarray(_transform(a, t))
-    if exposure != 1.0:
-        gain = np.float32(np.exp(rng.uniform(-np.log(exposure), np.log(exposure))))
-        for k in _RADIOMETRIC_KEYS:
-            if k in spatial:
-                if not np.issubdtype(out[k].dtype, np.floating):
-                    raise ValueError(f"exposure augmentation needs linear float data, {k!r} is "
-                                     f"{out[k].dtype} ({_name_of(example) or 'example'})")
-                out[k] = out[k] * gain
     return out
 
 
@@ -359,7 +339,7 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
                 worker_count: int = 0, prefetch: int = 2, keys: Sequence[str] = ("rgb", "hsi"),
                 split_kind: str | None = None, shard: tuple[int, int] | None = None,
                 augment="dihedral", fusion=None, cache_bytes: int | None = None,
-                crops_per_example: int = 1, exposure: float = 1.0,
+                crops_per_example: int = 1,
                 rows: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
     """Batches of numpy arrays from a random-access ``source`` (e.g. :func:`data_source`).
 
@@ -374,9 +354,7 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
     source order, full images (central ``crop`` if given), batch 1 unless ``batch_size`` is
     given, ``drop_remainder`` forced False, and ``"name"`` added to ``keys``.
 
-    ``augment`` (train): ``"dihedral"`` (default), ``"flips"`` or ``"none"``. ``exposure``
-    (train, linear data: ``normalization="none"``): RGB and HSI of each crop scaled together
-    by a random factor in ``[1/exposure, exposure]`` (:func:`random_crop_augment`).
+    ``augment`` (train): ``"dihedral"`` (default), ``"flips"`` or ``"none"``.
 
     ``fusion`` (a :class:`jaxspec.data.fusion.Degradation`): fusion pairs are synthesised from
     ``hsi`` (+ ``bands``): train crops by :func:`jaxspec.data.fusion.train_pair` (``crop`` a
@@ -446,14 +424,6 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
         raise ValueError(f"source has {len(source)} examples, fewer than {s_cnt} shards")
 
     mode = _augment_mode(augment)
-    if exposure != 1.0:
-        if not exposure >= 1.0:
-            raise ValueError(f"exposure must be >= 1 (1 = off), got {exposure!r}")
-        if normalization != "none":
-            raise ValueError("exposure augmentation scales linear RGB and HSI together: it needs "
-                             f"normalization='none', got {normalization!r}")
-        if fusion is not None:
-            raise ValueError("exposure augmentation is not implemented for fusion pairs")
     if fusion is not None and train and crop is None:
         raise ValueError("make_loader: fusion training needs a crop (a multiple of the scale)")
     if fusion is not None and not train and crop is not None:
@@ -486,8 +456,7 @@ def make_loader(source, *, batch_size: int | None = None, crop: int | None = Non
                 ex, fusion, rng, crop=int(crop), seed=int(seed), augment=mode),
                 seed=(int(seed) + 1) % 2**32)
         else:
-            ds = ds.random_map(lambda ex, rng: random_crop_augment(ex, rng, crop, mode, keys,
-                                                                   float(exposure)),
+            ds = ds.random_map(lambda ex, rng: random_crop_augment(ex, rng, crop, mode, keys),
                                seed=(int(seed) + 1) % 2**32)
     else:
         if num_epochs is not None and num_epochs > 1:

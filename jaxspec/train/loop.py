@@ -150,8 +150,7 @@ def train_iterator(config: Config, task, sources, local_bs: int, start: int, mes
         from jaxspec.data import fusion as fusion_data
         deg = fusion_data.degradation_from_config(config)
     common = dict(crop=config.crop, train=True, normalization=config.rgb_norm,
-                  start_step=start, augment=config.augment,
-                  exposure=float(config.exposure_augment))
+                  start_step=start, augment=config.augment)
     if mesh is not None:
         # one global batch order whatever the process count: every process walks the
         # unsharded stream and reads only its rows of each global batch
