@@ -6,6 +6,11 @@ and scores them on the full validation images (per-image metrics, mean over imag
 
     python bench/baselines.py                       # default config, prints a markdown table
     python bench/baselines.py --config real --pixels 400000 --out /tmp/b.json
+    python bench/baselines.py --dataset cave --manual-dir DIR --consistent   # as evaluate's
+
+``--consistent`` projects every prediction onto the spectra that reproduce its input RGB
+through the example's SRF (``jaxspec.physics.make_consistent``), as ``python -m
+jaxspec.evaluate --consistent`` does for a trained run.
 
 Writes ``bench/baselines.json`` (per-method mean metrics + settings) by default.
 """
@@ -45,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--crop-border", type=int, default=0)
     p.add_argument("--max-eval-images", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--consistent", action="store_true",
+                   help="make predictions reproduce their input RGB through the data's SRF "
+                        "(linear RGB, --normalization none)")
     p.add_argument("--out", default=str(Path(__file__).with_name("baselines.json")))
     return p.parse_args(argv)
 
@@ -57,7 +65,10 @@ def _examples(source, limit=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from jaxspec import data
+    from jaxspec import data, physics
+    if args.consistent and args.normalization != "none":
+        raise SystemExit("--consistent needs the linear RGB itself (--normalization none), got "
+                         f"{args.normalization!r}")
 
     name = args.dataset if args.config is None else f"{args.dataset}/{args.config}"
     t0 = time.perf_counter()
@@ -90,6 +101,11 @@ def main(argv=None) -> dict:
         per_image = {k: [] for k in TABLE_METRICS}
         for ex in val_examples:
             pred = bl.predict(model, np.asarray(ex["rgb"], np.float32)[None])
+            if args.consistent:
+                if "srf" not in ex:
+                    raise SystemExit(f"--consistent: {args.dataset} examples carry no 'srf'")
+                pred = physics.make_consistent(pred, np.asarray(ex["rgb"], np.float32)[None],
+                                               ex["srf"])
             m = metrics.evaluate_all(pred, np.asarray(ex["hsi"], np.float32)[None],
                                      crop_border=args.crop_border)
             c = args.crop_border
@@ -111,13 +127,15 @@ def main(argv=None) -> dict:
         "dataset_version": str(builder.version), "n_train_images": len(train), "n_eval_images": len(val_examples),
         "n_bands": int(hsi.shape[1]), "train_pixels": int(len(rgb)), "ridge": args.ridge,
         "normalization": args.normalization, "crop_border": args.crop_border,
+        "consistent": args.consistent,
         "seed": args.seed, "prepare_s": round(t_data, 2), "sample_s": round(t_sample, 2),
         "metrics": "per-image values averaged over the eval images (jaxspec.metrics)",
         "results": results,
     }
     print(f"{name}: fit on {len(rgb)} pixels of {len(train)} {args.train_split} images, "
           f"scored on {len(val_examples)} full {args.eval_split} images "
-          f"(RGB normalisation {args.normalization!r}, ridge {args.ridge:g})\n")
+          f"(RGB normalisation {args.normalization!r}, ridge {args.ridge:g}"
+          f"{', predictions made consistent with the RGB' if args.consistent else ''})\n")
     print("| method | features | " + " | ".join(k.upper() for k in TABLE_METRICS) + " |")
     print("|---|---|" + "---|" * len(TABLE_METRICS))
     for method, r in results.items():

@@ -1,6 +1,6 @@
 """Re-evaluate a trained run: ``python -m jaxspec.evaluate --workdir W [--dataset D --split S
 --ensemble --tile T --which best|latest --adapt|--tta [--adapt-steps K --adapt-lr LR]
---perturb NAME [--perturb-seed N]]``.
+--perturb NAME [--perturb-seed N] --consistent]``.
 
 Through the method's task (:mod:`jaxspec.tasks`): full images, reflect-padded to the model
 stride, the task's metrics per image and averaged over images, on the crop border of the config
@@ -9,8 +9,11 @@ stride, the task's metrics per image and averaged over images, on the crop borde
 test-time adaptation (settings from the config or the flags; recorded in the JSON).
 ``--perturb NAME`` applies a robustness protocol of :mod:`jaxspec.robustness` (brightness+10,
 brightness-10, mixed, noise, jpeg, srf:NAME; docs/robustness.md) to every image before
-prediction, recorded in the JSON. Writes
-``<workdir>/eval_<dataset>_<split>[_ens][_<perturb>][_adapt].json`` (or ``--out``) and figures.
+prediction, recorded in the JSON. ``--consistent`` projects every predicted spectrum onto the
+spectra that reproduce its input RGB through the data's SRF (:func:`consistency_srf`,
+:func:`jaxspec.physics.make_consistent`; linear RGB only). Writes
+``<workdir>/eval_<dataset>_<split>[_ens][_<perturb>][_adapt][_consistent].json`` (or ``--out``)
+and figures.
 """
 from __future__ import annotations
 
@@ -120,6 +123,37 @@ def training_srf(run: Prepared) -> tuple[np.ndarray | None, str]:
     return None, "none"
 
 
+def consistency_srf(run: Prepared) -> tuple[np.ndarray, str]:
+    """(C, 3) SRF through which ``--consistent`` makes predictions reproduce their input RGB,
+    and where it came from: the evaluation data's ``srf`` feature (example 0; the builders
+    render every image of a dataset through one SRF), else the run's ``input.json``. Raises
+    :class:`UsageError` when the model's input is not that linear RGB: another task, a
+    per-image normalisation (``rgb_norm`` other than ``"none"``) or non-linear encoding."""
+    from jaxspec.predict import model_input_spec
+    task = run.model.task.name
+    if task != "rgb2hsi":
+        raise UsageError(f"--consistent: projects reconstructed spectra onto their input RGB; "
+                         f"{run.model.method.name!r} is a {task} method")
+    if run.cfg.rgb_norm != "none":
+        raise UsageError(f"--consistent needs the model's input to be the linear RGB itself; this "
+                         f"run normalises it with rgb_norm={run.cfg.rgb_norm!r}")
+    enc = model_input_spec(run.workdir).get("encoding", "linear")
+    if enc != "linear":
+        raise UsageError(f"--consistent needs linear RGB (the projection of the spectra through "
+                         f"the SRF); this run's input encoding is {enc!r}")
+    try:
+        ex = run.source[0]
+    except Exception:  # noqa: BLE001 - sources without random access
+        ex = {}
+    if "srf" in ex:
+        return np.asarray(ex["srf"], np.float32), "evaluation data srf feature"
+    srf, where = training_srf(run)
+    if srf is None:
+        raise UsageError("--consistent: neither the evaluation data nor the run's input.json "
+                         "records the SRF the RGB was rendered with")
+    return srf, where
+
+
 def _perturbed_batches(run: Prepared, p, seed: int):
     """The evaluation batches with ``p`` applied to the raw (un-normalised) examples, then the
     run's ``rgb_norm`` (what the loader does without a perturbation)."""
@@ -188,9 +222,11 @@ def evaluate_workdir(workdir: str | os.PathLike, *, dataset: str | None = None,
                      max_images: int | None = None, out: str | os.PathLike | None = None,
                      figures: int = 2, adapt: bool = False, adapt_steps: int | None = None,
                      adapt_lr: float | None = None, perturb: str | None = None,
-                     perturb_seed: int = 0, prepared: Prepared | None = None) -> dict:
+                     perturb_seed: int = 0, prepared: Prepared | None = None,
+                     consistent: bool = False) -> dict:
     """Evaluate the run in ``workdir`` (see the module docstring). ``perturb``: a robustness
     protocol of :mod:`jaxspec.robustness` applied to every image (seed ``perturb_seed``).
+    ``consistent``: predictions made to reproduce their input RGB (:func:`consistency_srf`).
     ``prepared`` (from :func:`prepare`) reuses a loaded run; its data options then win over
     the ones given here."""
     from jaxspec import inference, robustness
@@ -203,20 +239,31 @@ def evaluate_workdir(workdir: str | os.PathLike, *, dataset: str | None = None,
     cfg, model, task, split = run.cfg, run.model, run.model.task, run.split
     side = tuple(model.method.side_inputs)
     adapter = run.adapter() if adapt else None
+    predict, info = run.predict, {}
+    if consistent:
+        if p is not None:
+            raise UsageError("--consistent with --perturb: the perturbed RGB is no longer the "
+                             "projection of the spectra through the data's SRF")
+        from jaxspec import physics
+        srf, where = consistency_srf(run)
+        info["consistent"] = {"srf_from": where}
+
+        def predict(inputs, *v, _base=run.predict, _srf=srf):
+            return physics.make_consistent(_base(inputs, *v), inputs["rgb"], _srf)
     border = (run.crop_border if run.crop_border is not None
               else loop.protocol_crop_border(cfg))
     batches = (_perturbed_batches(run, p, perturb_seed) if p is not None
                else loop.eval_batches(cfg, run.source, method=model.method))
     res = inference.evaluate_dataset(
-        run.predict, batches, crop_border=border,
+        predict, batches, crop_border=border,
         stride=model.stride, tile=tile if tile is not None else cfg.eval_tile,
         overlap=overlap if overlap is not None else cfg.eval_tile_overlap,
         ensemble=ensemble, max_images=max_images, keep=figures, task=task,
         scale=task.scale(cfg), side_inputs=side, adapt=adapter)
     tag = (f"{loop.dataset_name(cfg).replace('/', '-')}_{split}" + ("_ens" if ensemble else "")
-           + (f"_{p.tag}" if p is not None else "") + ("_adapt" if adapt else ""))
+           + (f"_{p.tag}" if p is not None else "") + ("_adapt" if adapt else "")
+           + ("_consistent" if consistent else ""))
     out = Path(out) if out is not None else run.workdir / f"eval_{tag}.json"
-    info = {}
     if p is not None:
         info["perturb"] = p.record(perturb_seed)
         if p.kind == "srf":
@@ -263,6 +310,10 @@ def _main(argv=None) -> int:
                         "jpeg, srf:NAME (an SRF of jaxspec.physics.list_srfs())")
     p.add_argument("--perturb-seed", type=int, default=0,
                    help="seed of the random protocols (mixed, noise); default 0")
+    p.add_argument("--consistent", action="store_true",
+                   help="project each predicted spectrum onto the spectra that reproduce its "
+                        "input RGB through the data's SRF (physically plausible reconstruction; "
+                        "linear RGB runs, rgb_norm none)")
     a = p.parse_args(argv)
     from jaxspec.train.workdir import check_output_writable
     if a.tile is not None and a.tile < 1:
@@ -279,9 +330,10 @@ def _main(argv=None) -> int:
                            overlap=a.overlap, crop_border=a.crop_border, which=a.which,
                            max_images=a.max_images, out=a.out, figures=a.figures,
                            adapt=a.adapt, adapt_steps=a.adapt_steps, adapt_lr=a.adapt_lr,
-                           perturb=a.perturb, perturb_seed=a.perturb_seed)
+                           perturb=a.perturb, perturb_seed=a.perturb_seed,
+                           consistent=a.consistent)
     print(json.dumps({"dataset": res["dataset"], "split": res["split"],
-                      "perturb": a.perturb,
+                      "perturb": a.perturb, "consistent": a.consistent,
                       "images": res["num_images"], "mean": res["mean"], "path": res["path"]},
                      indent=2))
     return 0

@@ -145,6 +145,26 @@ def test_project_shapes_and_values():
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(rgb), rtol=1e-6)
 
 
+def test_make_consistent_is_the_nearest_spectrum_reproducing_the_rgb():
+    """Its output reproduces the RGB, leaves spectra that already do unchanged, moves each
+    spectrum only within the span of the SRF (the nearest such spectrum: the null-space part
+    is kept), and names a shape mismatch."""
+    rng = np.random.default_rng(3)
+    srf = P.get_srf("cie1964")
+    hsi = rng.uniform(size=(2, 4, 5, 31)).astype(np.float32)
+    rgb = rng.uniform(size=(2, 4, 5, 3)).astype(np.float32) * 0.5
+    out = np.asarray(P.make_consistent(hsi, rgb, srf), np.float64)
+    assert out.shape == hsi.shape and out.dtype == np.float64
+    np.testing.assert_allclose(out @ srf, rgb, atol=2e-6)
+    q, _ = np.linalg.qr(srf.astype(np.float64))                  # orthonormal basis of span(S)
+    null = np.eye(31) - q @ q.T
+    np.testing.assert_allclose((out - hsi) @ null, 0.0, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(P.make_consistent(hsi, hsi @ srf, srf)), hsi,
+                               atol=2e-6)
+    with pytest.raises(ValueError, match=r"rgb has shape \(5, 3\).*\(2, 4, 5, 3\)"):
+        P.make_consistent(hsi, rgb[0, 0], srf)
+
+
 def test_project_errors_name_shapes():
     srf = P.get_srf("cie1931")
     with pytest.raises(ValueError, match=r"hsi has 30 bands .*\(4, 4, 30\).*\(31, 3\)"):

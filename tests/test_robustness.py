@@ -210,6 +210,55 @@ def test_evaluate_perturb_end_to_end(tiny_run, capsys):
     assert "adapt_loss" in capsys.readouterr().err
 
 
+def test_evaluate_consistent_projects_predictions_onto_the_input_rgb(tiny_run, tmp_path,
+                                                                    capsys):
+    """--consistent: each prediction made to reproduce its linear input RGB through the data's
+    SRF (the per-image metrics are those of physics.make_consistent of the plain
+    prediction); refused for a normalised input (the tiny run's min-max), a non-linear
+    encoding and together with --perturb, each with a one-line message."""
+    from jaxspec import cli, evaluate
+    import jaxspec
+    w = tmp_path / "lin"
+    d = Path(json.loads((tiny_run / "config.json").read_text())["data_dir"])
+    assert cli.main(["--method", "rob_tiny", "--preset", "smoke", "--dataset",
+                     "spectral_scenes/tiny", "--data-dir", str(d), "--workdir", str(w),
+                     "--no-progress", "--set", "rgb_norm=none"]) == 0
+    capsys.readouterr()
+
+    def run(*extra, workdir=w):
+        code = evaluate.main(["--workdir", str(workdir), "--figures", "0", "--max-images", "3",
+                              *extra])
+        out = capsys.readouterr()
+        if code != 0:
+            return code, out.err
+        path = Path(json.loads(out.out)["path"])
+        return path, json.loads(path.read_text())
+
+    _, plain = run()
+    path, cons = run("--consistent")
+    assert path.name == "eval_spectral_scenes-tiny_validation_consistent.json"
+    assert cons["consistent"] == {"srf_from": "evaluation data srf feature"}
+    model, variables = jaxspec.load(w)
+    src = evaluate.prepare(w).source
+    for i, (name, got) in enumerate(cons["per_image"].items()):
+        rgb, hsi, srf = (np.asarray(src[i][k], np.float32) for k in ("rgb", "hsi", "srf"))
+        pred = physics.make_consistent(jaxspec.reconstruct(model, variables, rgb), rgb, srf)
+        np.testing.assert_allclose(np.asarray(pred) @ srf, rgb, atol=1e-5)
+        want = model.task.metrics(np.asarray(pred)[None], hsi[None],
+                                  crop_border=cons["crop_border"])
+        for k in ("mrae", "rmse", "psnr", "sam"):
+            assert got[k] == pytest.approx(float(want[k][0]), rel=1e-4), (name, k)
+        assert got["rmse"] != plain["per_image"][name]["rmse"]
+    code, err = run("--consistent", "--perturb", "jpeg")
+    assert code == 2 and "--consistent with --perturb" in err
+    code, err = run("--consistent", workdir=tiny_run)
+    assert code == 2 and "rgb_norm='minmax'" in err.strip().splitlines()[-1]
+    spec = json.loads((w / "input.json").read_text())
+    (w / "input.json").write_text(json.dumps(dict(spec, encoding="srgb")))
+    code, err = run("--consistent")
+    assert code == 2 and "input encoding is 'srgb'" in err
+
+
 def test_evaluate_perturb_refuses_data_it_cannot_perturb(tiny_run, capsys):
     """RGB beyond the recorded full scale (jpeg / noise / brightness) and an RGB that is not
     the HSI through the recorded training SRF (srf:NAME): one-line usage errors."""

@@ -13,7 +13,7 @@ from jaxspec.physics.degrade import (
 from jaxspec.physics.grids import (
     CHIKUSEI_WAVELENGTHS, WAVELENGTHS_31, check_wavelengths, resample, wavelength_grid)
 from jaxspec.physics.jpeg import jpeg, jpeg_pil, jpeg_quant_tables, rgb_to_ycbcr, ycbcr_to_rgb
-from jaxspec.physics.render import project
+from jaxspec.physics.render import make_consistent, project
 from jaxspec.physics.srf import (
     NORMALIZATIONS, NTIRE2022_RGB_GAINS, get_srf, list_srfs, load_ntire2022_rgb_qe, load_srf_csv,
     normalize_srf, parse_camspec_database, register_srf, unregister_srf)
@@ -22,7 +22,7 @@ __all__ = [
     "WAVELENGTHS_31", "CHIKUSEI_WAVELENGTHS", "wavelength_grid", "resample", "check_wavelengths",
     "get_srf", "list_srfs", "register_srf", "unregister_srf", "normalize_srf", "load_srf_csv",
     "parse_camspec_database", "load_ntire2022_rgb_qe", "NORMALIZATIONS", "NTIRE2022_RGB_GAINS",
-    "project",
+    "project", "make_consistent",
     "shot_noise", "dark_noise", "expose_to_mean", "quantize", "bayer_mosaic", "demosaic",
     "apply_jpeg", "ntire2022_camera", "ntire2020_realworld_camera", "ntire2020_clean_camera",
     "jpeg", "jpeg_pil", "jpeg_quant_tables", "rgb_to_ycbcr", "ycbcr_to_rgb",

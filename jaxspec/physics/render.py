@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["project", "is_concrete"]
+__all__ = ["project", "make_consistent", "is_concrete"]
 
 
 def is_concrete(x) -> bool:
@@ -52,3 +52,26 @@ def project(hsi, srf) -> jax.Array:
     check_finite(srf, "srf", "project")
     return jnp.einsum("...c,ck->...k", hsi.astype(jnp.float32), srf.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
+
+
+def make_consistent(hsi, rgb, srf) -> jax.Array:
+    """The spectra nearest to ``hsi`` (per pixel, Euclidean) that reproduce ``rgb`` exactly
+    through ``srf``: ``hsi + (rgb - hsi @ srf) (S^T S)^{-1} S^T`` with ``S = srf`` -- the
+    orthogonal projection onto the affine set ``{r : r @ S = rgb}`` ("physically plausible"
+    spectral reconstruction, Lin & Finlayson, Sensors 2020). It changes only the part of each
+    spectrum the camera sees (the metameric black, ``hsi``'s null-space part, stays), so it is
+    right when ``rgb`` is the linear projection of the spectra through ``srf`` (linear data
+    rendered through a known SRF), and wrong for gamma-encoded or differently normalised RGB.
+
+    ``hsi`` ``(..., C)``, ``rgb`` ``(..., K)``, ``srf`` ``(C, K)`` with ``K <= C`` of full column
+    rank. float32 output of ``hsi``'s shape; jit-able and differentiable."""
+    srf = jnp.asarray(srf, jnp.float32)
+    rgb = jnp.asarray(rgb, jnp.float32)
+    seen = project(hsi, srf)
+    if rgb.shape != seen.shape:
+        raise ValueError(f"make_consistent: rgb has shape {rgb.shape}, but the spectra of shape "
+                         f"{tuple(jnp.shape(hsi))} project through srf {srf.shape} to {seen.shape}")
+    hi = jax.lax.Precision.HIGHEST
+    gram = jnp.matmul(srf.T, srf, precision=hi)                        # (K, K)
+    lift = jnp.linalg.solve(gram, srf.T)                                # (K, C)
+    return jnp.asarray(hsi, jnp.float32) + jnp.matmul(rgb - seen, lift, precision=hi)
