@@ -129,18 +129,8 @@ def consistency_srf(run: Prepared) -> tuple[np.ndarray, str]:
     render every image of a dataset through one SRF), else the run's ``input.json``. Raises
     :class:`UsageError` when the model's input is not that linear RGB: another task, a
     per-image normalisation (``rgb_norm`` other than ``"none"``) or non-linear encoding."""
-    from jaxspec.predict import model_input_spec
-    task = run.model.task.name
-    if task != "rgb2hsi":
-        raise UsageError(f"--consistent: projects reconstructed spectra onto their input RGB; "
-                         f"{run.model.method.name!r} is a {task} method")
-    if run.cfg.rgb_norm != "none":
-        raise UsageError(f"--consistent needs the model's input to be the linear RGB itself; this "
-                         f"run normalises it with rgb_norm={run.cfg.rgb_norm!r}")
-    enc = model_input_spec(run.workdir).get("encoding", "linear")
-    if enc != "linear":
-        raise UsageError(f"--consistent needs linear RGB (the projection of the spectra through "
-                         f"the SRF); this run's input encoding is {enc!r}")
+    from jaxspec.predict import check_consistent_input, model_input_spec
+    check_consistent_input(run.model, model_input_spec(run.workdir))
     try:
         ex = run.source[0]
     except Exception:  # noqa: BLE001 - sources without random access

@@ -194,11 +194,13 @@ def write_cube(cube: np.ndarray, bands: np.ndarray, out_stem: Path, fmt: str,
 def predict_bounded(model, variables, x: np.ndarray, out_stem: Path, fmt: str, *, workdir,
                     info: dict, max_memory: int, tile: int | None = None, overlap: int = 32,
                     ensemble: bool = False, progress: bool = False,
-                    predict=None) -> tuple[Path, tuple]:
+                    predict=None, consistent_srf=None) -> tuple[Path, tuple]:
     """Predict one (H, W, C) input (rgb2hsi: before ``rgb_norm``) and write it as ``fmt``
     within ``max_memory`` bytes of resident memory (module docstring, "Memory"). Returns
     (written path, output shape). ``predict``: a :func:`jaxspec.inference.make_predict_fn` of
-    the model to reuse across images (its compiled programs are kept per shape)."""
+    the model to reuse across images (its compiled programs are kept per shape).
+    ``consistent_srf`` (C, 3): each row block made to reproduce its input RGB through it
+    (:func:`jaxspec.physics.make_consistent`) before the non-negativity clip."""
     from jaxspec import api, inference
     from jaxspec.data import normalize_rgb
     module, normalization, stride, task = api._bundle(model, None, None)
@@ -233,6 +235,10 @@ def predict_bounded(model, variables, x: np.ndarray, out_stem: Path, fmt: str, *
         overlap = min(overlap, tile // 2 // stride * stride)
     rows = inference.predict_rows(predict, x, stride=stride, tile=tile, overlap=overlap,
                                   ensemble=ensemble, progress=progress)
+    if consistent_srf is not None:
+        from jaxspec import physics
+        rows = ((row0, np.array(physics.make_consistent(
+            r, x[:, row0:row0 + r.shape[1]], consistent_srf))) for row0, r in rows)
     info = {**info, "tile": tile, "overlap": overlap if tile is not None else None}
     bands = api.bands_of(model, cout, workdir)
     if fmt == "npy":
@@ -261,6 +267,23 @@ def model_input_spec(workdir) -> dict:
     if p.is_file():
         return json.loads(p.read_text())
     return {"encoding": "linear", "native_scale": 1.0}
+
+
+def check_consistent_input(model, spec: dict) -> None:
+    """Raise :class:`jaxspec.errors.UsageError` unless ``--consistent`` applies to the run:
+    an rgb2hsi model whose input is the linear RGB itself (``rgb_norm="none"``, ``input.json``
+    encoding ``linear``), the projection of the spectra through an SRF."""
+    from jaxspec.errors import UsageError
+    if model.task.name != "rgb2hsi":
+        raise UsageError(f"--consistent: projects reconstructed spectra onto their input RGB; "
+                         f"{model.name!r} is a {model.task.name} method")
+    if model.config.rgb_norm != "none":
+        raise UsageError(f"--consistent needs the model's input to be the linear RGB itself; this "
+                         f"run normalises it with rgb_norm={model.config.rgb_norm!r}")
+    enc = spec.get("encoding", "linear")
+    if enc != "linear":
+        raise UsageError(f"--consistent needs linear RGB (the projection of the spectra through "
+                         f"the SRF); this run's input encoding is {enc!r}")
 
 
 def _run_srf(spec: dict, workdir) -> tuple[np.ndarray, np.ndarray] | None:
@@ -360,6 +383,10 @@ def _main(argv=None) -> int:
     p.add_argument("--max-memory", default="4GiB",
                    help="resident-memory bound that picks the tile size (default 4GiB; "
                         "e.g. 2GiB, 512MiB)")
+    p.add_argument("--consistent", action="store_true",
+                   help="make each spectrum reproduce the model's input RGB through the run's "
+                        "SRF (physically plausible reconstruction; runs on linear RGB with "
+                        "rgb_norm none that record their SRF)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar over tiles")
     a = p.parse_args(argv)
     from jaxspec.errors import UsageError
@@ -381,7 +408,9 @@ def _main(argv=None) -> int:
         adapt = {k: v for k, v in (("steps", a.adapt_steps), ("lr", a.adapt_lr)) if v is not None}
         adapt = adapt or True
     model, variables = api.load(a.workdir, which=a.which)
-    recs = {}
+    recs, consistent_srf = {}, None
+    if a.consistent and model.task.name != "rgb2hsi":
+        check_consistent_input(model, {})
     if model.task.name == "fusion":
         if len(a.images) % 2:
             raise UsageError("a fusion method takes pairs of files: LR_HSI HR_MSI ...")
@@ -391,6 +420,11 @@ def _main(argv=None) -> int:
         images = [(Path(f), read_cube(f)) for f in a.images]
     else:
         spec = model_input_spec(a.workdir)
+        if a.consistent:
+            check_consistent_input(model, spec)
+            if "srf" not in spec:
+                raise UsageError(f"--consistent: {a.workdir}/input.json records no SRF")
+            consistent_srf = np.asarray(spec["srf"], np.float32)
         images = []
         for f in a.images:
             x, recs[f] = read_model_rgb(f, spec, grey=a.grey, input_encoding=a.input_encoding,
@@ -404,6 +438,8 @@ def _main(argv=None) -> int:
         predict = inference.make_predict_fn(model.module.apply, variables)
     for (path, x), stem in zip(images, stems):
         info = {"method": model.name, "source": str(path)}
+        if consistent_srf is not None:
+            info["consistent"] = {"srf_from": "input.json"}
         if str(path) in recs:
             info["input"] = recs[str(path)]
         if model.method.photo_info is not None and model.task.name != "fusion":
@@ -413,7 +449,7 @@ def _main(argv=None) -> int:
             written, shape = predict_bounded(
                 model, variables, x, out / stem, a.format, workdir=a.workdir, info=info,
                 max_memory=max_memory, tile=a.tile, overlap=a.overlap, ensemble=a.ensemble,
-                progress=not a.no_progress, predict=predict)
+                progress=not a.no_progress, predict=predict, consistent_srf=consistent_srf)
             print(f"{path} -> {written} {shape}")
             continue
         if model.task.name == "fusion":
@@ -421,6 +457,11 @@ def _main(argv=None) -> int:
         else:
             cube = api.reconstruct(model, variables, x, ensemble=a.ensemble, tile=a.tile,
                                    overlap=a.overlap, adapt=adapt)
+            if consistent_srf is not None:
+                from jaxspec import physics
+                from jaxspec.data import normalize_rgb
+                cube = physics.make_consistent(
+                    cube, normalize_rgb(x, model.config.rgb_norm), consistent_srf)
         cube = np.maximum(np.asarray(cube, np.float32), 0.0)   # radiance/reflectance >= 0
         bands = api.bands_of(model, cube.shape[-1], a.workdir)
         written = write_cube(cube, bands, out / stem, a.format, info)

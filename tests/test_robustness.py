@@ -253,6 +253,25 @@ def test_evaluate_consistent_projects_predictions_onto_the_input_rgb(tiny_run, t
     assert code == 2 and "--consistent with --perturb" in err
     code, err = run("--consistent", workdir=tiny_run)
     assert code == 2 and "rgb_norm='minmax'" in err.strip().splitlines()[-1]
+    # predict --consistent on a 16-bit linear camera-RGB TIFF: the written cube reproduces
+    # the photo's RGB (where the non-negativity clip leaves it alone), the sidecar says so
+    import tifffile
+    from jaxspec import predict
+    rgb = np.asarray(src[0]["rgb"], np.float32)
+    png = tmp_path / "photo.tif"
+    tifffile.imwrite(png, np.round(np.clip(rgb, 0, 1) * 65535).astype(np.uint16))
+    common = ["--workdir", str(w), str(png), "--out", str(tmp_path / "pred"),
+              "--input-encoding", "linear", "--input-space", "camera", "--no-progress"]
+    assert predict.main(common + ["--consistent"]) == 0
+    cube = np.load(tmp_path / "pred" / "photo.npy")
+    seen = np.round(np.clip(rgb, 0, 1) * 65535) / 65535
+    ok = np.all(cube > 0, axis=-1)
+    assert ok.mean() > 0.5
+    np.testing.assert_allclose((cube @ np.asarray(src[0]["srf"]))[ok], seen[ok], atol=1e-5)
+    assert json.loads((tmp_path / "pred" / "photo.json").read_text())["consistent"] == {
+        "srf_from": "input.json"}
+    assert predict.main(common[:1] + [str(tiny_run)] + common[2:] + ["--consistent"]) == 2
+    assert "rgb_norm='minmax'" in capsys.readouterr().err
     spec = json.loads((w / "input.json").read_text())
     (w / "input.json").write_text(json.dumps(dict(spec, encoding="srgb")))
     code, err = run("--consistent")
