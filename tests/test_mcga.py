@@ -484,3 +484,23 @@ def test_ablation_bench_direction_table_and_bad_options(tmp_path, capsys):
                       (["--stage1", str(tmp_path)], "no config.json")):
         assert bench.cli(argv + ["--out", str(tmp_path / "o")]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_stage1_config_carries_shared_keys_the_stage1_preset_leaves_at_default(tmp_path):
+    """``--set model.interface_width=32`` on ``train.py --method mcga`` reaches stage 1 (whose
+    preset does not list the key), so the frozen parts fit; a stage-1 run that never recorded a
+    shared key gives stage 2 the module default, not the stage-2 override."""
+    cfg = registry.get("mcga").config("smoke")
+    cfg = cfg.replace(model={**cfg.model, "interface_width": 32})
+    assert mcga_cfg.stage1_config(cfg).model["interface_width"] == 32
+    vq = registry.get("mcga_vq").model(mcga_cfg.stage1_config(cfg)).clone(
+        in_channels=31, out_channels=31)
+    p1 = jax.eval_shape(vq.init, {"params": jax.random.PRNGKey(0),
+                                  "mask": jax.random.PRNGKey(1)}, jnp.zeros((1, 16, 16, 31)))
+    p2 = jax.eval_shape(registry.get("mcga").model(cfg).init, jax.random.PRNGKey(0),
+                        jnp.zeros((1, 16, 16, 3)))
+    assert jax.tree.map(np.shape, p1["params"]["moc"]) == jax.tree.map(np.shape,
+                                                                       p2["params"]["moc"])
+    old = registry.get("mcga_vq").config("smoke")      # a stage-1 run without the key
+    (tmp_path / "config.json").write_text(json.dumps(old.to_dict()))
+    assert "interface_width" not in mcga_cfg.stage2(cfg, str(tmp_path)).model

@@ -122,7 +122,11 @@ def stage2(config: Config, stage1_workdir: str, which: str = "best") -> Config:
     model = dict(config.model)
     if (Path(stage1_workdir) / "config.json").is_file():
         s1 = load_config(stage1_workdir).model
-        model.update({k: s1[k] for k in SHARED_MODEL_KEYS if k in s1})
+        for k in SHARED_MODEL_KEYS:     # a key the stage-1 run did not set: the module default
+            if k in s1:
+                model[k] = s1[k]
+            else:
+                model.pop(k, None)
     return config.replace(model=model, init_from=tuple(
         {"workdir": str(stage1_workdir), "subtree": sub, "target": sub, "which": which}
         for sub in ("moc", "decoder")))
@@ -141,7 +145,10 @@ def stage1_config(config: Config) -> Config:
     vq = registry.get("mcga_vq")
     cfg1 = vq.config(config.preset if config.preset in vq.presets else "cpu")
     model = dict(cfg1.model)
-    model.update({k: v for k, v in config.model.items() if k in model and k != "random_mask"})
+    # the stage-1 preset's own model keys, and every key the stages share even when the
+    # stage-1 preset leaves it at the module default (e.g. --set model.interface_width=32)
+    model.update({k: v for k, v in config.model.items()
+                  if (k in model or k in SHARED_MODEL_KEYS) and k != "random_mask"})
     return cfg1.replace(model=model, **{f: getattr(config, f) for f in _SHARED_FIELDS})
 
 
