@@ -51,7 +51,7 @@ import fusion as fusion_bench  # noqa: E402  (bench/fusion.py: loaders, baseline
 from jaxspec import metrics, physics  # noqa: E402
 from jaxspec.models import daem as D  # noqa: E402
 
-METRICS = fusion_bench.METRICS
+METRICS = fusion_bench.METRICS + ("psnr_b",)      # psnr_b: the authors' band-wise PSNR
 VARIANTS = ("estimated", "true")
 
 
@@ -61,7 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--protocols", default="consistent,image-wise")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--datasets", default="cave,spectral_scenes")
-    p.add_argument("--baselines", default="bicubic,gsa,cnmf")
+    p.add_argument("--baselines", default="bicubic,gsa,cnmf,lr_regression",
+                   help="given the true PSF and SRF (oracle rows)")
+    p.add_argument("--blind-baselines", default="gsa,cnmf,lr_regression",
+                   help="also run with the box PSF (blind) and with DAEM's estimated PSF")
     p.add_argument("--cave-dir", default=None)
     p.add_argument("--max-images", type=int, default=None, help="test images per dataset")
     p.add_argument("--train-images", type=int, default=64)
@@ -163,7 +166,9 @@ def train(model, pairs, args, variant, true_srf, log):
 
 def score(pred, z, s):
     sc = metrics.evaluate_all(pred, z, scale=float(s))
-    return {k: float(sc[k][0]) for k in METRICS}
+    out = {k: float(sc[k][0]) for k in fusion_bench.METRICS}
+    out["psnr_b"] = float(metrics.psnr_bands(pred, z)[0])
+    return out
 
 
 def evaluate_daem(model, params, pairs, args, variant, record):
@@ -185,13 +190,21 @@ def evaluate_daem(model, params, pairs, args, variant, record):
     return out, secs
 
 
-def evaluate_baselines(pairs, methods, srf, s, args):
+def _srf(method: str) -> str:
+    return ", true SRF" if method == "cnmf" else ""        # GSA / lr_regression use no SRF
+
+
+def evaluate_baselines(pairs, methods, srf, s, args, psf=None):
+    """{method: (scores, seconds)}; ``psf`` None: each image's true PSF (the oracle rows),
+    "box": the s x s block mean (blind), else this (s, s) kernel for every image."""
     res = {}
     for m in methods:
         r = {k: [] for k in METRICS}
         secs = []
-        for i, (name, z, lr, msi, psf) in enumerate(pairs):
-            psf_np = np.asarray(psf)
+        for i, (name, z, lr, msi, true_psf) in enumerate(pairs):
+            psf_np = (np.asarray(true_psf) if psf is None else
+                      np.full((s, s), 1.0 / s ** 2, np.float32) if isinstance(psf, str) else
+                      np.asarray(psf))
             if i == 0:
                 fusion_bench.run_method(m, lr, msi, s, srf, psf_np, args).block_until_ready()
             t = time.perf_counter()
@@ -237,12 +250,13 @@ def figure(path, runs, true_srf):
 
 def table(title, rows):
     lines = [f"**{title}**", "",
-             "| scale | PSF protocol | method | PSNR | SAM | ERGAS | UIQI | SSIM | s/image |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| scale | PSF protocol | method | PSNR | PSNR (band) | SAM | ERGAS | UIQI | SSIM "
+             "| s/image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (s, prot, label), (r, secs) in rows:
         v = [np.mean(r[k]) for k in METRICS]
-        lines.append(f"| x{s} | {prot} | {label} | {v[0]:.2f} | {v[1]:.2f} | {v[2]:.3f} | "
-                     f"{v[3]:.3f} | {v[4]:.3f} | {np.mean(secs):.2f} |")
+        lines.append(f"| x{s} | {prot} | {label} | {v[0]:.2f} | {v[5]:.2f} | {v[1]:.2f} | "
+                     f"{v[2]:.3f} | {v[3]:.3f} | {v[4]:.3f} | {np.mean(secs):.2f} |")
     return "\n".join(lines)
 
 
@@ -256,6 +270,8 @@ def main(argv=None):
     variants = _cli.names("--variants", args.variants, VARIANTS)
     baselines = ([m.strip() for m in args.baselines.split(",") if m.strip()]
                  and _cli.names("--baselines", args.baselines, fusion_bench.METHODS))
+    blind = ([m.strip() for m in args.blind_baselines.split(",") if m.strip()]
+             and _cli.names("--blind-baselines", args.blind_baselines, fusion_bench.METHODS))
     record = tuple(_cli.ints("--finetune-steps", args.finetune_steps, minimum=0))
     _cli.names("--datasets", args.datasets, ("cave", "spectral_scenes"))
     for opt, v in (("--max-images", args.max_images), ("--train-images", args.train_images),
@@ -314,6 +330,13 @@ def main(argv=None):
                         if f == 0 and variant == "estimated":
                             fig_runs.append((f"{ds} x{s} {prot}", hist,
                                              np.asarray(train_pairs[0][4])))
+                        if variant == "estimated" and blind:
+                            k_est = np.asarray(model.apply({"params": params},
+                                                           method=D.DAEM.psf))
+                            for m, (r, secs) in evaluate_baselines(
+                                    test_pairs, blind, srf, s, args, psf=k_est).items():
+                                add(ds, (s, prot, f"{m} (DAEM-estimated PSF{_srf(m)})"), r,
+                                    secs)
                         res, secs = evaluate_daem(model, params, test_pairs, args, variant,
                                                   record)
                         for r in record:
@@ -324,6 +347,9 @@ def main(argv=None):
                     for m, (r, secs) in evaluate_baselines(test_pairs, baselines, srf, s,
                                                            args).items():
                         add(ds, (s, prot, m + " (true PSF/SRF)"), r, secs)
+                    for m, (r, secs) in evaluate_baselines(test_pairs, blind, srf, s, args,
+                                                           psf="box").items():
+                        add(ds, (s, prot, f"{m} (box PSF{_srf(m)})"), r, secs)
     for ds, r in rows.items():
         n = sum(len(te) for _, te in folds[ds])
         for (s, prot, label), (vals, secs) in r.items():

@@ -44,14 +44,16 @@ from jaxspec import fusion_baselines as fb
 from jaxspec import metrics, physics
 
 METRICS = ("psnr", "sam", "ergas", "uiqi", "ssim")
-METHODS = ("bicubic", "gsa", "cnmf")
+METHODS = ("bicubic", "gsa", "cnmf", "lr_regression")
+ENGINE_METHODS = ("bicubic", "gsa", "cnmf")      # registered (--method NAME) fusion baselines
 PROTOCOLS = ("consistent", "image-wise")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scales", default="8,32")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=None,
+                   help=f"default {','.join(METHODS)} ({','.join(ENGINE_METHODS)} with --engine)")
     p.add_argument("--protocols", default=",".join(PROTOCOLS))
     p.add_argument("--datasets", default="cave,spectral_scenes")
     p.add_argument("--cave-dir", default=None, help="default: <shared>/data/cave")
@@ -149,6 +151,8 @@ def run_method(method, lr, msi, s, srf, psf, args):
         return fb.bicubic(lr, s, lr_center=center)
     if method == "gsa":
         return fb.gsa(lr, msi, s, psf)
+    if method == "lr_regression":
+        return fb.lr_regression(lr, msi, s, psf)
     if method == "cnmf":
         return fb.cnmf(lr, msi, s, srf, psf, n_endmembers=args.cnmf_endmembers,
                        iters=args.cnmf_iters)
@@ -202,7 +206,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     # every option checked before the first image is loaded
     scales = _cli.ints("--scales", args.scales, minimum=2)
-    methods = _cli.names("--methods", args.methods, METHODS)
+    choices = ENGINE_METHODS if args.engine else METHODS
+    methods = _cli.names("--methods", args.methods or ",".join(choices), choices)
     protocols = _cli.names("--protocols", args.protocols, PROTOCOLS)
     _cli.names("--datasets", args.datasets, ("cave", "spectral_scenes"))
     _cli.positive("--max-images", args.max_images)

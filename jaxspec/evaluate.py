@@ -51,6 +51,7 @@ class Prepared:
         config's adapt settings), built once."""
         if self._adapter is None:
             from jaxspec import inference
+            from jaxspec.train import loop
             cfg, model = self.cfg, self.model
             if cfg.adapt_steps < 1:
                 raise UsageError("--adapt/--tta: the run's config has adapt_steps=0; give "
@@ -59,10 +60,8 @@ class Prepared:
                 raise UsageError(f"--adapt/--tta: method {model.method.name!r} defines no "
                                  f"test-time adaptation loss (Method.adapt_loss)")
             fn = inference.make_adapter(model.task, model.module.apply, model.method.adapt_loss,
-                                        steps=cfg.adapt_steps, lr=cfg.adapt_lr,
-                                        optimizer=cfg.adapt_optimizer,
-                                        params=tuple(cfg.adapt_params),
-                                        side_inputs=tuple(model.method.side_inputs))
+                                        side_inputs=tuple(model.method.side_inputs),
+                                        **loop.adapter_options(cfg))
             variables = self.variables
             self._adapter = lambda inputs: fn(variables, inputs)  # noqa: E731
         return self._adapter

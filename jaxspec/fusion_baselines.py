@@ -10,6 +10,11 @@ the batch with ``jax.vmap``.
   TGRS 2007) extended to HS-MS fusion as in the Yokoya, Grohnfeldt & Chanussot (IEEE GRSM 2017)
   comparison: every HS band is sharpened by the MSI band it correlates with best at low
   resolution.
+* :func:`lr_regression`: a per-pixel spectral map fitted on the image's own low-resolution
+  pairs: the affine least-squares map from the spatially degraded MSI to the LR-HSI, applied
+  to the HR-MSI. It uses the LR-HSI only through that fit (no spatial detail injection): the
+  classical counterpart of per-pixel learned fusion such as DAEM, whose per-image fine-tuning
+  fits its decoder on the same pairs.
 * :func:`cnmf`: coupled non-negative matrix factorisation (Yokoya, Yairi & Iwasaki, IEEE TGRS
   2012): alternate Lee-Seung multiplicative NMF unmixing of the LR-HSI and the HR-MSI, the
   endmembers coupled through the SRF and the abundances through the PSF.
@@ -41,7 +46,7 @@ import numpy as np
 
 from jaxspec import physics
 
-__all__ = ["bicubic", "gsa", "cnmf", "psf_lr_center", "GSA_MODES", "DEGRADATIONS"]
+__all__ = ["bicubic", "gsa", "lr_regression", "cnmf", "psf_lr_center", "GSA_MODES", "DEGRADATIONS"]
 
 GSA_MODES = ("grouped", "joint")
 DEGRADATIONS = ("daem", "same")
@@ -251,6 +256,34 @@ def _gsa(lr, msi, psf, centers, s, mode, degradation):
         return out.reshape(up.shape)
 
     return jax.vmap(one)(lr, msi, psf, centers)
+
+
+# ----------------------------------------------------------------------------- LR regression
+def lr_regression(lr_hsi, hr_msi, scale: int, psf=None, *, degradation: str = "daem",
+                  ridge: float = 1e-6) -> jax.Array:
+    r"""Per-image spectral regression on the low-resolution pairs. With :math:`S` the spatial
+    degradation (``psf``, ``None`` = the s x s box) and :math:`X` the LR-HSI:
+
+    .. math:: W = \arg\min_W \|[S(Y), 1]\,W - X\|^2, \qquad \hat Z = [Y, 1]\,W
+
+    (``ridge`` as :func:`_lstsq`, relative to the design's scale). Exact (tests) when the scene's
+    spectra are an affine function of its MSI values and ``psf`` is the true PSF. The output is
+    not clamped."""
+    lr, msi, s = _check_pair(lr_hsi, hr_msi, scale, "lr_regression")
+    p = _check_psf(psf, lr.shape[0], s, degradation, "lr_regression")
+    return _lr_regression(lr, msi, p, s, degradation, float(ridge))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _lr_regression(lr, msi, psf, s, degradation, ridge):
+    def one(x, y, p):
+        c, k = x.shape[-1], y.shape[-1]
+        y_lr = _degrade(y, p, s, degradation).reshape(-1, k)
+        design = jnp.concatenate([y_lr, jnp.ones((y_lr.shape[0], 1), y_lr.dtype)], 1)
+        w = _lstsq(design, x.reshape(-1, c), ridge)                           # (K + 1, C)
+        return (jnp.dot(y, w[:k], precision=_HI) + w[k]).astype(jnp.float32)
+
+    return jax.vmap(one)(lr, msi, psf)
 
 
 # ----------------------------------------------------------------------------- CNMF

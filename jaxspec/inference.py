@@ -497,14 +497,17 @@ def predict_image(predict_fn: PredictFn, rgb, *, stride: int = 1, tile: int | No
 
 
 def make_adapter(task, apply_fn: Callable, loss_fn: Callable, *, steps: int, lr: float,
-                 optimizer: str = "adam", params: tuple[str, ...] = (), side_inputs=()):
+                 optimizer: str = "adam", params: tuple[str, ...] = (), side_inputs=(),
+                 lr_milestones: tuple[int, ...] = (), lr_gamma: float = 0.5):
     """Per-image test-time optimisation: ``adapt(variables, inputs) -> variables``.
 
     Starting from the trained ``variables`` (every call resets to them), ``steps`` optimiser
     steps (Adam or SGD at ``lr``) on ``loss_fn(apply_fn, variables, inputs) -> scalar`` (a
     self-supervised loss of the method: ``Method.adapt_loss``) update the parameters whose
     '/'-joined path matches one of the regexes ``params`` (``()`` = all; the rest get exactly
-    zero updates via ``optax.multi_transform`` / ``set_to_zero``). The k steps run in one
+    zero updates via ``optax.multi_transform`` / ``set_to_zero``). ``lr_milestones``: step
+    counts after which the lr is multiplied by ``lr_gamma`` (MultiStepLR on the adaptation
+    steps; ``()`` = constant). The k steps run in one
     ``lax.fori_loop`` inside one ``jax.jit`` (compiled once per input shape); model-state
     collections are left as trained. ``inputs`` is the task's dict of one image (positional
     input keys + side inputs), as given to the model."""
@@ -516,10 +519,13 @@ def make_adapter(task, apply_fn: Callable, loss_fn: Callable, *, steps: int, lr:
         raise ValueError(f"adapt: steps must be >= 1, got {steps}")
     if loss_fn is None:
         raise ValueError("adapt: the method defines no adapt_loss (Method.adapt_loss)")
+    rate = (optax.piecewise_constant_schedule(lr, {int(m): float(lr_gamma)
+                                                   for m in lr_milestones})
+            if lr_milestones else lr)
     if optimizer == "adam":
-        base = optax.adam(lr)
+        base = optax.adam(rate)
     elif optimizer == "sgd":
-        base = optax.sgd(lr)
+        base = optax.sgd(rate)
     else:
         raise ValueError(f"adapt_optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     keys = tuple(task.input_keys) + tuple(side_inputs)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "mrae", "rmse", "psnr", "sam", "ssim", "ergas", "uiqi",
+    "mrae", "rmse", "psnr", "psnr_bands", "sam", "ssim", "ergas", "uiqi",
     "center_crop", "evaluate_all", "METRIC_NAMES",
 ]
 
@@ -161,6 +161,13 @@ def _psnr(pred, gt, data_range=1.0):
 
 
 @jax.jit
+def _psnr_bands(pred, gt):
+    mse = jnp.mean(jnp.square(pred - gt), axis=(1, 2))                  # (B, C)
+    peak = jnp.max(gt, axis=(1, 2))                                     # (B, C)
+    return jnp.mean(10.0 * jnp.log10(jnp.square(peak) / mse), axis=-1)
+
+
+@jax.jit
 def _sam(pred, gt):
     npn = jnp.linalg.norm(pred, axis=-1, keepdims=True)
     ngn = jnp.linalg.norm(gt, axis=-1, keepdims=True)
@@ -256,6 +263,22 @@ def psnr(pred, gt, data_range: float = 1.0):
         raise ValueError(f"psnr: data_range must be > 0, got {data_range}")
     pred, gt = _validate(pred, gt, "psnr")
     return _psnr(pred, gt, data_range=float(data_range))
+
+
+def psnr_bands(pred, gt):
+    r"""Band-wise PSNR of the HSI-fusion papers (DAEM ``Utils/utils_image.py::compute_psnr``),
+    per image in dB: each band's peak is that band's ground-truth maximum, the prediction is
+    *not* clamped, and the per-band values are averaged:
+
+    .. math:: \mathrm{PSNR}_b = \frac{1}{C}\sum_c 10\log_{10}
+              \frac{\max_{h,w} y_{bhwc}^2}{\frac{1}{HW}\sum_{h,w}(\hat y_{bhwc} - y_{bhwc})^2}
+
+    Scale-invariant (the authors' x255 does not change it). Differs from :func:`psnr` (one MSE
+    over all bands, peak ``data_range``, both clamped): a mean of per-band logs rewards bands
+    with small errors, and a band peak below 1 lowers it. A band predicted exactly gives
+    ``+inf``. Returns shape (B,)."""
+    pred, gt = _validate(pred, gt, "psnr_bands")
+    return _psnr_bands(pred, gt)
 
 
 def sam(pred, gt):

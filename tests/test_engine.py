@@ -77,6 +77,11 @@ def test_apply_overrides_typed_and_errors():
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides(c, ["steps"])
     assert Config.from_dict(c2.to_dict()) == c2
+    c4 = apply_overrides(c, ["adapt_lr_milestones=[247, 437]"])
+    assert c4.adapt_lr_milestones == (247, 437) and Config.from_dict(c4.to_dict()) == c4
+    for bad in ("[437, 247]", "[0]", "[5, 5]"):
+        with pytest.raises(ValueError, match="adapt_lr_milestones must be increasing"):
+            apply_overrides(c, [f"adapt_lr_milestones={bad}"])
 
 
 def test_schedule_warmup_cosine_and_constant():

@@ -71,6 +71,31 @@ def test_gsa_joint_exact_for_k_endmembers(scene):
     assert _psnr(out, scene["z"]).min() > 60
 
 
+def test_lr_regression_exact_for_linear_spectra_and_uses_the_psf(scene):
+    """Spectra linear in the MSI values (3 endmembers, invertible SRF projection): the affine
+    map fitted on (S(Y), X) is exact at HR (any PSF: both maps are linear and commute)."""
+    out = F.lr_regression(scene["lr"], scene["msi"], S, scene["psf"])
+    assert out.shape == scene["z"].shape and out.dtype == jnp.float32
+    assert _psnr(out, scene["z"]).min() > 60
+    # a random (non-linear) scene: the map depends on the PSF; equal to a numpy fit on S(Y)
+    z2 = np.random.default_rng(1).random((2, H, H, C)).astype(np.float32)
+    lr2, msi2 = P.make_sr_pair(z2, scene["psf"], S, scene["srf"], mode="daem")
+    for psf in (scene["psf"], None):
+        got = np.asarray(F.lr_regression(lr2, msi2, S, psf))
+        k = np.full((S, S), 1.0 / S ** 2, np.float32) if psf is None else psf
+        y_lr = np.asarray(P.daem_degrade(msi2, k, S), np.float64)
+        for i in range(z2.shape[0]):
+            d = np.concatenate([y_lr[i].reshape(-1, 3), np.ones((y_lr[i].size // 3, 1))], 1)
+            w = np.linalg.lstsq(d, np.asarray(lr2[i], np.float64).reshape(-1, C), rcond=None)[0]
+            want = np.asarray(msi2[i], np.float64) @ w[:3] + w[3]
+            np.testing.assert_allclose(got[i], want, atol=3e-3)   # f32 normal equations
+    diff = np.abs(np.asarray(F.lr_regression(lr2, msi2, S, scene["psf"]))
+                  - np.asarray(F.lr_regression(lr2, msi2, S)))
+    assert diff.max() > 0.02     # several times the fit tolerance
+    with pytest.raises(ValueError, match="batch"):
+        F.lr_regression(scene["lr"][:1], scene["msi"], S)
+
+
 def test_same_degradation_of_make_sr_pair(scene):
     """The default make_sr_pair operator (odd PSF, reflect 'same' blur, phase-0 decimation) with
     a traced per-image PSF under jit: centre 0 from the kernel. GSA keeps the band means of the

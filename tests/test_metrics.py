@@ -253,3 +253,17 @@ def test_specific_errors():
         M.evaluate_all(g, g, crop_border=3)
     with pytest.raises(ValueError, match="scale"):
         M.ergas(g, g, scale=0)
+
+
+def test_psnr_bands_is_the_fusion_papers_bandwise_psnr(pair):
+    """Per band peak = the band's gt maximum, no clamp, mean of the per-band dB values."""
+    p, g = pair
+
+    def ref(a, b):
+        mse = ((a - b) ** 2).mean(axis=(0, 1))
+        return np.mean(10 * np.log10(b.max(axis=(0, 1)) ** 2 / mse))
+
+    got = np.asarray(M.psnr_bands(p, g))
+    np.testing.assert_allclose(got, per_image(ref, p, g), rtol=1e-5)
+    assert not np.allclose(got, np.asarray(M.psnr(p, g)), atol=0.05)   # not the global PSNR
+    np.testing.assert_allclose(M.psnr_bands(255 * p, 255 * g), got, rtol=1e-5)   # x255

@@ -69,6 +69,8 @@ class Config:
     adapt_lr: float = 1e-4
     adapt_optimizer: str = "adam"     # "adam" | "sgd"
     adapt_params: tuple[str, ...] = ()  # regexes of the adapted params; () = all
+    adapt_lr_milestones: tuple[int, ...] = ()  # adapt steps after which the lr is x gamma
+    adapt_lr_gamma: float = 0.5
     # --- bookkeeping ---------------------------------------------------------------------
     seed: int = 0
     log_every: int = 50
@@ -80,12 +82,17 @@ class Config:
 
     def __post_init__(self):
         # JSON round trips turn tuples into lists: keep the sequence fields tuples (hashable)
-        for f in ("init_from", "frozen", "adapt_params"):
+        for f in ("init_from", "frozen", "adapt_params", "adapt_lr_milestones"):
             v = getattr(self, f)
-            if isinstance(v, str):
+            if isinstance(v, (str, int)):
                 v = (v,)
             if not isinstance(v, tuple):
                 object.__setattr__(self, f, tuple(v))
+        m = self.adapt_lr_milestones
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in m) or \
+                list(m) != sorted(set(m)):
+            raise ValueError(f"config.adapt_lr_milestones must be increasing positive step "
+                             f"counts, got {list(m)}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"config.augment must be one of {AUGMENTS}, got {self.augment!r}")
 

@@ -717,13 +717,15 @@ def adapt_loss(apply_fn, variables, inputs):
 
 def _register():
     from jaxspec import registry
+    from jaxspec.configs import daem as _configs
     from jaxspec.train.steps import Phase
 
     registry.register(registry.Method(
         name="daem",
         make_model=registry.module_factory(
             DAEM, "DAEM", tuple_keys=("theta_weights", "mu_hidden", "sigma_hidden")),
-        presets=registry.standard_presets("jaxspec.configs.daem"),
+        presets={**registry.standard_presets("jaxspec.configs.daem"),
+                 "harvard": _configs.harvard, "chikusei": _configs.chikusei},
         task="fusion",
         step_kind="phases",
         data_fields={"n_bands": "bands", "msi_bands": "msi_bands", "scale": "scale"},

@@ -522,14 +522,23 @@ def make_run_adapter(run: Run):
     from jaxspec import inference
     cfg = run.config
     return inference.make_adapter(run.task, run.model.apply, run.method.adapt_loss,
-                                  steps=cfg.adapt_steps, lr=cfg.adapt_lr,
-                                  optimizer=cfg.adapt_optimizer, params=tuple(cfg.adapt_params),
-                                  side_inputs=run.side_inputs)
+                                  side_inputs=run.side_inputs, **adapter_options(cfg))
+
+
+def adapter_options(config: Config) -> dict:
+    """The config's adaptation settings as :func:`jaxspec.inference.make_adapter` keywords."""
+    return dict(steps=config.adapt_steps, lr=config.adapt_lr, optimizer=config.adapt_optimizer,
+                params=tuple(config.adapt_params),
+                lr_milestones=tuple(config.adapt_lr_milestones), lr_gamma=config.adapt_lr_gamma)
 
 
 def adapt_settings(config: Config) -> dict:
-    return {"steps": config.adapt_steps, "lr": config.adapt_lr,
-            "optimizer": config.adapt_optimizer, "params": list(config.adapt_params)}
+    out = {"steps": config.adapt_steps, "lr": config.adapt_lr,
+           "optimizer": config.adapt_optimizer, "params": list(config.adapt_params)}
+    if config.adapt_lr_milestones:
+        out.update(lr_milestones=list(config.adapt_lr_milestones),
+                   lr_gamma=config.adapt_lr_gamma)
+    return out
 
 
 class _Logger:
