@@ -533,12 +533,12 @@ def adapter_options(config: Config) -> dict:
 
 
 def adapt_settings(config: Config) -> dict:
-    out = {"steps": config.adapt_steps, "lr": config.adapt_lr,
-           "optimizer": config.adapt_optimizer, "params": list(config.adapt_params)}
-    if config.adapt_lr_milestones:
-        out.update(lr_milestones=list(config.adapt_lr_milestones),
-                   lr_gamma=config.adapt_lr_gamma)
-    return out
+    """:func:`adapter_options` as recorded in eval.json (lists; the lr schedule keys only
+    when the config has milestones)."""
+    opts = adapter_options(config)
+    if not opts["lr_milestones"]:
+        del opts["lr_milestones"], opts["lr_gamma"]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
 
 
 class _Logger:
