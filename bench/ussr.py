@@ -2,7 +2,11 @@
 (optionally) a short unpaired USSR training, scored as the paper (PSNR per band, SSIM, SAM).
 
     python bench/ussr.py                          # baselines only (seconds)
-    python bench/ussr.py --train-steps 300        # + unpaired USSR training on spectral_scenes
+    python bench/ussr.py --train-steps 3000       # + unpaired USSR training on spectral_scenes
+    python bench/ussr.py --hsi-stream cave --train-steps 3000 --figure F.png
+                                                  # HSI stream = the other CAVE fold
+    python bench/ussr.py --hsi-stream cave --fold 0 --train-steps 1000 --ablation all
+                                                  # Table 3 ladder + Table 5 regularisers
     python bench/ussr.py --workdir runs/ussr      # + a run trained by train.py --method ussr
     python bench/ussr.py --stability [--workdir W]  # ||J_ij|| of G (docs/lipschitz.md)
 
@@ -12,9 +16,13 @@ Data:
   reflectance = PNG / 65535, RGB rendered linearly through the **test camera** (``--test-srf``,
   default the paper's Nikon D700 from the Jiang 2013 database, columns normalised to sum 1 as
   the dictionary; nikon_d5100 when the database is absent);
-* unpaired training data (only for the learned/selected parts): ``spectral_scenes`` (clean)
-  ``train`` split, RGB stream = its first half rendered through random dictionary cameras
-  (so the RGB camera is unknown to the method), HSI stream = the cubes of the second half.
+* unpaired training data (only for the learned/selected parts): RGB stream = the first half
+  of ``spectral_scenes`` (clean) ``train`` rendered through random dictionary cameras (so the
+  RGB camera is unknown to the method) with its material labels (the semantic branch); HSI
+  stream (``--hsi-stream``) = the cubes of that split's second half (every CAVE scene is then
+  a test image), or ``cave``: the sorted CAVE scenes in two folds of three, each fold the HSI
+  stream of the models tested on the other (the paper's protocol: PASCAL RGB photos + ICVL
+  training cubes, ICVL test cubes); every scene is tested once and means are over all six.
 
 Methods (none of the unpaired rows sees a CAVE scene or an RGB/HSI pair):
 
@@ -23,13 +31,19 @@ Methods (none of the unpaired rows sees a CAVE scene or an RGB/HSI pair):
 * ``min-norm (dictionary mean)`` / ``smooth (dictionary mean)``: the same with the mean SRF of
   the dictionary (no knowledge of the camera);
 * the smooth inverse's lambda is chosen from the HSI stream alone (``select_smooth_lambda``);
-* ``least squares (paired)``: RGB -> 31 linear map fitted on 200k pixels of spectral_scenes
-  pairs rendered through the test camera (needs pairs; the paired reference);
-* ``ussr`` (``--train-steps``): ``make_train_step`` for that many iterations at ``--crop`` /
-  ``--batch``, E1 pre-trained on the RGB stream's material labels, then applied to the full
-  CAVE images; ``--workdir`` scores the best checkpoint of a ``train.py --method ussr`` run
-  the same way (plus its SRF estimates against the test camera).
-Writes ``bench/ussr_results.json`` and prints a table.
+* ``least squares (paired, ...)``: RGB -> 31 linear map fitted on 200k pixels of pairs of the
+  stream's cubes rendered through the test camera (needs pairs; the paired reference);
+* ``ussr (code loss)`` (``--train-steps``): ``make_train_step`` for that many iterations at
+  ``--crop`` / ``--batch``, E1 pre-trained on the RGB stream's material labels, then applied
+  to the full CAVE images; ``--ablation`` trains the Table 3 / Table 5 rows instead (paper loss
+  forms, ``jaxspec.configs.ussr``) and prints them beside the paper's numbers with the
+  direction of each step; ``--workdir`` scores the best checkpoint of a ``train.py --method
+  ussr`` run the same way (on all six scenes);
+* SRF estimation of each trained row: against the test camera on the CAVE renders, and over
+  renders of the test scenes (area-averaged to 128 x 128) through **every** dictionary camera
+  (the camera is known: AUC, angle, how often it ranks first), beside the dictionary mean;
+  ``--figure`` draws both.
+Writes ``--out`` (default ``bench/ussr_results.json``) and prints a table.
 """
 from __future__ import annotations
 
@@ -93,7 +107,7 @@ def spectral_scenes_streams(n_rgb: int | None = None):
     return rgb_stream, hsi_stream
 
 
-def train_ussr(args, dictionary, rgb_stream, hsi_stream, log):
+def train_ussr(args, dictionary, rgb_stream, hsi_stream, log, weights=None):
     import jax
     import jax.numpy as jnp
 
@@ -125,7 +139,8 @@ def train_ussr(args, dictionary, rgb_stream, hsi_stream, log):
     first = batch_at()
     state = U.init_train_state(model, opts, jax.random.PRNGKey(args.seed), first["rgb"],
                                first["hsi_real"], e1_variables=e1)
-    step = jax.jit(U.make_train_step(model, opts, U.make_phase_losses()), donate_argnums=0)
+    step = jax.jit(U.make_train_step(model, opts, U.make_phase_losses(weights or U.LossWeights())),
+                   donate_argnums=0)
     t0 = time.time()
     for t in range(args.train_steps):
         state, met = step(state, first if t == 0 else batch_at())
@@ -142,6 +157,186 @@ def train_ussr(args, dictionary, rgb_stream, hsi_stream, log):
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     apply = jax.jit(lambda v, x: model.apply(v, x, method=U.USSR.reconstruct))
     return model, variables, apply
+
+
+STREAM_TEXT = {"spectral_scenes": "spectral_scenes train[50%:] (every CAVE scene is a test "
+                                   "image)",
+               "cave": "the other CAVE fold (two folds of three scenes; each scene is tested "
+                       "once, by the models that never saw it)"}
+PAIRED_LS = {"spectral_scenes": "least squares (paired, spectral_scenes)",
+             "cave": "least squares (paired, the other CAVE fold)"}
+
+
+def unpaired_folds(stream: str, cubes, ss_hsi, fold: int | None):
+    """``[(name, HSI-stream cubes, test [(scene, cube)])]``: ``spectral_scenes`` = one fold
+    testing on every CAVE scene; ``cave`` = the sorted scenes in two halves, each the HSI
+    stream of the model tested on the other (``fold`` picks one of the two)."""
+    if stream == "spectral_scenes":
+        if fold is not None:
+            from jaxspec.errors import UsageError
+            raise UsageError("--fold needs --hsi-stream cave (spectral_scenes is one fold)")
+        return [("spectral_scenes", list(ss_hsi), cubes)]
+    half = len(cubes) // 2
+    both = [("cave fold 0", [c for _, c in cubes[:half]], cubes[half:]),
+            ("cave fold 1", [c for _, c in cubes[half:]], cubes[:half])]
+    if fold is None:
+        return both
+    if fold not in (0, 1):
+        from jaxspec.errors import UsageError
+        raise UsageError(f"--fold must be 0 or 1, got {fold}")
+    return [both[fold]]
+
+
+def is_baseline(row: str) -> bool:
+    return not row.startswith(("ussr", "ablation", "regulariser"))
+
+
+def training_rows(ablation: str):
+    """``[(row name, LossWeights)]`` trained per fold: the code's objective (default), or the
+    Table 3 ladder / Table 5 regularisers in the paper's loss forms
+    (``jaxspec.configs.ussr``; the L1-GC regulariser row is the ladder's last row)."""
+    from jaxspec.configs import ussr as C
+    from jaxspec.models import ussr as U
+    if ablation == "none":
+        return [("ussr (code loss)", U.LossWeights())]
+    rows = []
+    if ablation in ("ladder", "all"):
+        rows += [(f"ablation {n}", U.LossWeights.paper(**o)) for n, o, _ in C.ABLATION_LADDER]
+    if ablation in ("regularisers", "all"):
+        rows += [(f"regulariser {n}", U.LossWeights.paper(**o)) for n, o, _ in C.REGULARISERS
+                 if not (n == "L1-GC" and ablation == "all")]
+    if ablation == "all":       # not a paper row: what the adversarial term adds to the code's
+        rows.append(("ablation code loss without the adversarial term", U.LossWeights(adv=0.0)))
+    return rows
+
+
+def ablation_table(rows: dict, which: str) -> str:
+    """Our rows beside the paper's Table 3 / Table 5 (ICVL) numbers, with whether each step's
+    PSNR and SAM move the way the paper's do."""
+    from jaxspec.configs import ussr as C
+    out = []
+    tables = []
+    if which in ("ladder", "all"):
+        tables.append(("Table 3 ablation ladder", "ablation", C.ABLATION_LADDER))
+    if which in ("regularisers", "all"):
+        tables.append(("Table 5 GAN regularisers", "regulariser", C.REGULARISERS))
+    for title, prefix, spec in tables:
+        out += [f"**{title}** (paper: ICVL; ours: CAVE test scenes)", "",
+                "| row | paper PSNR | paper SAM | ours PSNR | ours SSIM | ours SAM | "
+                "same direction as the paper (PSNR, SAM) |", "|---|---|---|---|---|---|---|"]
+        prev = None
+        for name, _, (ppsnr, _pssim, psam) in spec:
+            key = f"{prefix} {name}"
+            if key not in rows and name == "L1-GC":
+                key = f"ablation {C.ABLATION_LADDER[-1][0]}"
+            if key not in rows:
+                continue
+            m = rows[key]["mean"]
+            agree = "-"                 # each row against the one above it, as in the paper
+            if prev is not None:
+                rp, rs, pp, ps = prev
+                agree = ", ".join("yes" if (a - b) * (c - d) > 0 else "no" for a, b, c, d in
+                                  ((m["psnr"], rp, ppsnr, pp), (m["sam"], rs, psam, ps)))
+            out.append(f"| {name} | {ppsnr:.2f} | {psam:.2f} | {m['psnr']:.2f} | "
+                       f"{m['ssim']:.3f} | {m['sam']:.2f} | {agree} |")
+            prev = (m["psnr"], m["sam"], ppsnr, psam)
+        out.append("")
+    return "\n".join(out)
+
+
+def camera_sweep(apply, variables, test_cubes, dictionary, side: int = 128, chunk: int = 7):
+    """SRF estimation when the camera is known: every test cube (area-averaged to ``side``)
+    rendered through each dictionary camera; per render the estimated SRF's accuracy against
+    that camera's, the dictionary mean's, and whether the camera ranks first."""
+    import jax.numpy as jnp
+
+    from jaxspec.models import ussr as U
+    curves = np.asarray(dictionary.curves, np.float32)
+    n = len(curves)
+    mean_srf = curves.mean(axis=0)
+    rec = {"auc": [], "angle": [], "auc_mean_srf": [], "angle_mean_srf": [], "top1": [],
+           "frac": [], "frac_mean_srf": []}
+    ths = np.linspace(0, 1, 101)
+    for _, cube in test_cubes:
+        f = cube.shape[0] // side
+        small = cube[:f * side, :f * side].reshape(side, f, side, f, 31).mean(axis=(1, 3))
+        for lo in range(0, n, chunk):
+            ids = list(range(lo, min(lo + chunk, n)))
+            ids += ids[-1:] * (chunk - len(ids))                 # one shape: one compile
+            rgb = np.einsum("hwc,nck->nhwk", small, curves[ids]).astype(np.float32)
+            out = apply(variables, jnp.asarray(rgb))
+            est = np.asarray(out["srf"])
+            top = np.asarray(out["weights"]).mean(axis=2).argmax(axis=1)
+            for k, j in enumerate(ids[:min(lo + chunk, n) - lo]):
+                a = U.srf_accuracy(est[k], curves[j])
+                b = U.srf_accuracy(mean_srf, curves[j])
+                rec["auc"].append(float(a["auc"][0]))
+                rec["angle"].append(float(a["angle"][0]))
+                rec["auc_mean_srf"].append(float(b["auc"][0]))
+                rec["angle_mean_srf"].append(float(b["angle"][0]))
+                rec["top1"].append(float(top[k] == j))
+                rec["frac"].append(within(est[k], curves[j], ths))
+                rec["frac_mean_srf"].append(within(mean_srf, curves[j], ths))
+    return rec
+
+
+def within(est, true, ths):
+    """Fraction of SRF samples within relative error t (``srf_accuracy``'s AUC curve)."""
+    e = est / est.sum(axis=0, keepdims=True)
+    t = true / true.sum(axis=0, keepdims=True)
+    rel = np.abs(e - t) / t.max(axis=0, keepdims=True)
+    return [float(v) for v in (rel[..., None] <= ths).mean(axis=(0, 1))]
+
+
+def merge_sweeps(sweeps, n_cameras: int):
+    """One summary of :func:`camera_sweep` records (folds pooled)."""
+    pooled = {k: sum((s[k] for s in sweeps), []) for k in sweeps[0]}
+    out = {k: float(np.mean(pooled[k])) for k in ("auc", "angle", "auc_mean_srf",
+                                                  "angle_mean_srf", "top1")}
+    out["frac"] = np.mean(pooled["frac"], axis=0).round(4).tolist()
+    out["frac_mean_srf"] = np.mean(pooled["frac_mean_srf"], axis=0).round(4).tolist()
+    out["renders"] = len(pooled["auc"])
+    out["cameras"] = n_cameras
+    return out
+
+
+def srf_figure(path, row, est, test_srf, test_name, mean_srf, sweep):
+    """Left: the estimated SRFs on the test scenes (RGB through ``test_name``) against the true
+    curves and the dictionary mean. Right: fraction of SRF samples within relative error t over
+    renders through every dictionary camera (area under it = the AUC), estimate vs mean."""
+    from jaxspec.analysis.plots import _plt
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    wl = np.arange(400, 701, 10)
+    ax = axes[0]
+    t = test_srf / test_srf.sum(axis=0, keepdims=True)
+    m = mean_srf / mean_srf.sum(axis=0, keepdims=True)
+    e = est / est.sum(axis=1, keepdims=True)
+    for c, col in enumerate("rgb"):
+        ax.plot(wl, t[:, c], col + "-", lw=1.5, label="true" if c == 0 else None)
+        ax.plot(wl, m[:, c], col + ":", lw=1, label="dictionary mean" if c == 0 else None)
+        for k in range(e.shape[0]):
+            ax.plot(wl, e[k, :, c], col + "--", lw=0.6, alpha=0.6,
+                    label="estimated (per scene)" if c == 0 and k == 0 else None)
+    ax.set_xlabel("wavelength (nm)")
+    ax.set_title(f"{row}: SRF on CAVE through {test_name}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ths = np.linspace(0, 1, 101)
+    ax.plot(ths, sweep["frac"], "k-", label=f"estimated (AUC {sweep['auc']:.3f})")
+    ax.plot(ths, sweep["frac_mean_srf"], "k:",
+            label=f"dictionary mean (AUC {sweep['auc_mean_srf']:.3f})")
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("relative error t (to the channel peak)")
+    ax.set_ylabel("fraction of SRF samples within t")
+    ax.set_title(f"{sweep['renders']} renders (test scenes x dictionary cameras); camera "
+                 f"ranked first {sweep['top1']:.1%}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def stability(size: int = 10, seed: int = 0, workdir: str | None = None) -> str:
@@ -204,6 +399,14 @@ def main(argv=None):
     p.add_argument("--test-srf", default=None, help="camera name in the Jiang 2013 database "
                    "(default Nikon D700) or a built-in SRF name")
     p.add_argument("--train-steps", type=int, default=0)
+    p.add_argument("--hsi-stream", choices=("spectral_scenes", "cave"), default="spectral_scenes",
+                   help="the unpaired real cubes: spectral_scenes train[50%%:] (default) or the "
+                        "other CAVE fold (two folds; each CAVE scene is tested once)")
+    p.add_argument("--fold", type=int, default=None, help="with --hsi-stream cave: one fold only")
+    p.add_argument("--ablation", choices=("none", "ladder", "regularisers", "all"),
+                   default="none", help="train the Table 3 ladder and/or the Table 5 "
+                   "regulariser rows (paper loss forms) instead of the code objective")
+    p.add_argument("--figure", default=None, help="PNG of the SRF estimates (first trained row)")
     p.add_argument("--workdir", default=None, help="a train.py --method ussr run to score")
     p.add_argument("--segmenter-steps", type=int, default=200)
     p.add_argument("--crop", type=int, default=32)
@@ -256,32 +459,50 @@ def main(argv=None):
     log(f"dictionary: {dictionary.n_cameras} cameras from {dictionary.source}; test camera "
         f"{test_name}")
     cubes = list(load_cave_cubes(cave_root))
-    rgb_stream, hsi_stream = spectral_scenes_streams()
-    spectra = np.concatenate([h.reshape(-1, 31)[::97] for h in hsi_stream])
+    rgb_stream, ss_hsi = spectral_scenes_streams()
     mean_srf = dictionary.curves.mean(axis=0)
-    results = {"test_srf": test_name, "dictionary": dictionary.source, "rows": {}}
+    folds = unpaired_folds(args.hsi_stream, cubes, ss_hsi, args.fold)
+    results = {"test_srf": test_name, "dictionary": dictionary.source,
+               "hsi_stream": args.hsi_stream, "train_steps": args.train_steps, "rows": {}}
     out_path = Path(args.out)
+    per_image = {}                      # row -> {scene: metrics}, over every fold's test scenes
+
+    def add(row, scored):
+        per_image.setdefault(row, {}).update(scored)
+
+    reuse = {}
     if args.skip_baselines and out_path.is_file():
         old = json.loads(out_path.read_text())
-        results["rows"] = {k: v for k, v in old["rows"].items() if not k.startswith("ussr")}
-    for label, srf in (() if results["rows"] else (("true SRF", test_srf),
-                                                   ("dictionary mean", mean_srf))):
-        lam = U.select_smooth_lambda(spectra, srf)
-        results["rows"][f"min-norm ({label})"] = score(lambda x: U.min_norm_inverse(x, srf),
-                                                       cubes, test_srf)
-        results["rows"][f"smooth lam={lam:.3g} ({label})"] = score(
-            lambda x: U.smooth_inverse(x, srf, lam), cubes, test_srf)
-    if "least squares (paired)" not in results["rows"]:
-        pairs = [(ex["hsi"] @ test_srf, ex["hsi"]) for ex in rgb_stream + [{"hsi": h}
-                                                                          for h in hsi_stream]]
-        x, y = B.sample_pixels(pairs, 200_000, seed=0)
-        ls = B.fit_linear(x, y)
-        results["rows"]["least squares (paired)"] = score(lambda r: B.predict(ls, r), cubes,
-                                                          test_srf)
-    trained = []
-    if args.train_steps > 0:
-        model, variables, apply = train_ussr(args, dictionary, rgb_stream, hsi_stream, log)
-        trained.append((f"ussr ({args.train_steps} it, bench step)", variables, apply))
+        if old.get("hsi_stream", "spectral_scenes") != args.hsi_stream:
+            raise UsageError(f"--skip-baselines: {out_path} holds --hsi-stream "
+                             f"{old.get('hsi_stream', 'spectral_scenes')} rows, not "
+                             f"{args.hsi_stream}")
+        reuse = {k: v for k, v in old["rows"].items() if is_baseline(k)}
+    trained_models = []
+    for fold_name, hsi_cubes, test_cubes in folds:
+        spectra = np.concatenate([h.reshape(-1, 31)[::97] for h in hsi_cubes])
+        if not reuse:
+            for label, srf in (("true SRF", test_srf), ("dictionary mean", mean_srf)):
+                lam = U.select_smooth_lambda(spectra, srf)
+                results.setdefault("lambda", {})[f"{fold_name}/{label}"] = lam
+                add(f"min-norm ({label})", score(lambda x: U.min_norm_inverse(x, srf),
+                                                 test_cubes, test_srf)["per_image"])
+                add(f"smooth ({label}, lambda from the HSI stream)", score(
+                    lambda x: U.smooth_inverse(x, srf, lam), test_cubes, test_srf)["per_image"])
+            pairs = [(h @ test_srf, h) for h in
+                     ([ex["hsi"] for ex in rgb_stream] + list(ss_hsi)
+                      if args.hsi_stream == "spectral_scenes" else hsi_cubes)]
+            x, y = B.sample_pixels(pairs, 200_000, seed=0)
+            ls = B.fit_linear(x, y)
+            add(PAIRED_LS[args.hsi_stream], score(lambda r: B.predict(ls, r), test_cubes,
+                                                  test_srf)["per_image"])
+        if args.train_steps > 0:
+            for row, weights in training_rows(args.ablation):
+                log(f"{fold_name}: training {row} ({args.train_steps} iterations, HSI stream "
+                    f"{len(hsi_cubes)} cubes)")
+                model, variables, apply = train_ussr(args, dictionary, rgb_stream, hsi_cubes,
+                                                     log, weights)
+                trained_models.append((row, fold_name, variables, apply, test_cubes))
     if args.workdir:
         import jax
 
@@ -290,9 +511,10 @@ def main(argv=None):
         module = wrapped.module.clone(dw_impl="auto")   # shift-add on CPU: same parameters
         apply = jax.jit(lambda v, x: module.apply(v, x, method=U.USSR.reconstruct))
         cfg = wrapped.config
-        trained.append((f"ussr ({cfg.preset} preset, {cfg.steps} it, best checkpoint)",
-                        variables, apply))
-    for label, variables, apply in trained:
+        trained_models.append((f"ussr ({cfg.preset} preset, {cfg.steps} it, best checkpoint)",
+                               "all", variables, apply, cubes))
+    estimates = {}
+    for row, fold_name, variables, apply, test_cubes in trained_models:
         est = []
 
         def run(r):
@@ -300,22 +522,49 @@ def main(argv=None):
             est.append(np.asarray(out["srf"][0]))
             return out["hsi"]
 
-        results["rows"][label] = score(run, cubes, test_srf)
+        add(row, score(run, test_cubes, test_srf)["per_image"])
+        estimates.setdefault(row, []).extend(est)
+        cams = camera_sweep(apply, variables, test_cubes, dictionary)
+        results.setdefault("srf_all_cameras", {}).setdefault(row, []).append(cams)
+    results["rows"] = dict(reuse)
+    for row, per in per_image.items():
+        results["rows"][row] = {"mean": {k: float(np.mean([p[k] for p in per.values()]))
+                                         for k in ("psnr", "ssim", "sam")},
+                                "per_image": per}
+    for row, est in estimates.items():
         acc = U.srf_accuracy(np.stack(est), test_srf)
-        results.setdefault("srf_estimation", {})[label] = {k: float(np.mean(v))
-                                                           for k, v in acc.items()}
+        results.setdefault("srf_estimation", {})[row] = {k: float(np.mean(v))
+                                                         for k, v in acc.items()}
+    if estimates:
         results["srf_dictionary_mean"] = {k: float(v[0]) for k, v in
                                           U.srf_accuracy(mean_srf, test_srf).items()}
+        results["srf_all_cameras"] = {row: merge_sweeps(s, dictionary.n_cameras)
+                                      for row, s in
+                                      results["srf_all_cameras"].items()}
+        if args.figure:
+            row0 = next(iter(estimates))
+            srf_figure(args.figure, row0, np.stack(estimates[row0]), test_srf, test_name,
+                       mean_srf, results["srf_all_cameras"][row0])
+            log(f"figure: {args.figure}")
     out_path.write_text(json.dumps(results, indent=1))
-    log(f"\nCAVE (6 scenes, RGB through {test_name}), mean over images:")
-    log(f"| method | PSNR | SSIM | SAM |\n|---|---|---|---|")
+    log(f"\nCAVE (6 scenes, RGB through {test_name}; unpaired HSI stream: "
+        f"{STREAM_TEXT[args.hsi_stream]}), mean over the test images:")
+    log("| method | PSNR | SSIM | SAM |\n|---|---|---|---|")
     for k, r in results["rows"].items():
         m = r["mean"]
         log(f"| {k} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['sam']:.2f} |")
+    if args.ablation != "none" and args.train_steps > 0:
+        log("\n" + ablation_table(results["rows"], args.ablation))
     for k, v in results.get("srf_estimation", {}).items():
         log(f"SRF estimation vs {test_name}, {k}: {v}")
     if "srf_dictionary_mean" in results:
         log(f"SRF of the dictionary mean vs {test_name}: {results['srf_dictionary_mean']}")
+    for k, v in results.get("srf_all_cameras", {}).items():
+        log(f"SRF estimation over renders through each of the {v['cameras']} dictionary "
+            f"cameras, {k}: AUC {v['auc']:.4f} (dictionary mean {v['auc_mean_srf']:.4f}), "
+            f"angle {v['angle']:.2f} deg (mean {v['angle_mean_srf']:.2f}), the right camera "
+            f"ranked first in {v['top1']:.1%} of renders")
+    return 0
 
 
 def cli(argv=None) -> int:
