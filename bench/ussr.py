@@ -547,7 +547,8 @@ def main(argv=None):
                        mean_srf, results["srf_all_cameras"][row0])
             log(f"figure: {args.figure}")
     out_path.write_text(json.dumps(results, indent=1))
-    log(f"\nCAVE (6 scenes, RGB through {test_name}; unpaired HSI stream: "
+    n_test = sum(len(test) for _, _, test in folds)
+    log(f"\nCAVE ({n_test} test scenes, RGB through {test_name}; unpaired HSI stream: "
         f"{STREAM_TEXT[args.hsi_stream]}), mean over the test images:")
     log("| method | PSNR | SSIM | SAM |\n|---|---|---|---|")
     for k, r in results["rows"].items():
