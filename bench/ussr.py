@@ -463,7 +463,8 @@ def main(argv=None):
     mean_srf = dictionary.curves.mean(axis=0)
     folds = unpaired_folds(args.hsi_stream, cubes, ss_hsi, args.fold)
     results = {"test_srf": test_name, "dictionary": dictionary.source,
-               "hsi_stream": args.hsi_stream, "train_steps": args.train_steps, "rows": {}}
+               "hsi_stream": args.hsi_stream, "fold": args.fold,
+               "train_steps": args.train_steps, "rows": {}}
     out_path = Path(args.out)
     per_image = {}                      # row -> {scene: metrics}, over every fold's test scenes
 
@@ -473,10 +474,11 @@ def main(argv=None):
     reuse = {}
     if args.skip_baselines and out_path.is_file():
         old = json.loads(out_path.read_text())
-        if old.get("hsi_stream", "spectral_scenes") != args.hsi_stream:
-            raise UsageError(f"--skip-baselines: {out_path} holds --hsi-stream "
-                             f"{old.get('hsi_stream', 'spectral_scenes')} rows, not "
-                             f"{args.hsi_stream}")
+        was = (old.get("hsi_stream", "spectral_scenes"), old.get("fold"))
+        if was != (args.hsi_stream, args.fold):        # baselines of other test scenes
+            raise UsageError(f"--skip-baselines: {out_path} holds the rows of --hsi-stream "
+                             f"{was[0]} --fold {was[1]}, not --hsi-stream {args.hsi_stream} "
+                             f"--fold {args.fold}")
         reuse = {k: v for k, v in old["rows"].items() if is_baseline(k)}
     trained_models = []
     for fold_name, hsi_cubes, test_cubes in folds:
