@@ -48,6 +48,7 @@ Writes ``--out`` (default ``bench/ussr_results.json``) and prints a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -191,10 +192,19 @@ def is_baseline(row: str) -> bool:
     return not row.startswith(("ussr", "ablation", "regulariser"))
 
 
-def training_rows(ablation: str):
+def training_rows(ablation: str, d_pixels: bool = False):
     """``[(row name, LossWeights)]`` trained per fold: the code's objective (default), or the
     Table 3 ladder / Table 5 regularisers in the paper's loss forms
-    (``jaxspec.configs.ussr``; the L1-GC regulariser row is the ladder's last row)."""
+    (``jaxspec.configs.ussr``; the L1-GC regulariser row is the ladder's last row).
+    ``d_pixels``: every row with ``LossWeights.d_pixels`` (pixel-shuffled discriminator
+    inputs), named with a ``+ pixel-shuffled D`` suffix."""
+    rows = _training_rows(ablation)
+    if not d_pixels:
+        return rows
+    return [(f"{n} + pixel-shuffled D", dataclasses.replace(w, d_pixels=True)) for n, w in rows]
+
+
+def _training_rows(ablation: str):
     from jaxspec.configs import ussr as C
     from jaxspec.models import ussr as U
     if ablation == "none":
@@ -256,10 +266,8 @@ def camera_sweep(apply, variables, test_cubes, dictionary, side: int = 128, chun
     mean_srf = curves.mean(axis=0)
     rec = {"auc": [], "angle": [], "auc_mean_srf": [], "angle_mean_srf": [], "top1": [],
            "frac": [], "frac_mean_srf": []}
-    ths = np.linspace(0, 1, 101)
     # the dictionary mean against each camera: the same for every scene, so computed once
-    mean_acc = [U.srf_accuracy(mean_srf, c) for c in curves]
-    mean_frac = [within(mean_srf, c, ths) for c in curves]
+    mean_acc = [U.srf_accuracy(mean_srf, c, curve=True) for c in curves]
     for _, cube in test_cubes:
         f = cube.shape[0] // side
         small = cube[:f * side, :f * side].reshape(side, f, side, f, 31).mean(axis=(1, 3))
@@ -271,23 +279,15 @@ def camera_sweep(apply, variables, test_cubes, dictionary, side: int = 128, chun
             est = np.asarray(out["srf"])
             top = np.asarray(out["weights"]).mean(axis=2).argmax(axis=1)
             for k, j in enumerate(ids[:min(lo + chunk, n) - lo]):
-                a = U.srf_accuracy(est[k], curves[j])
+                a = U.srf_accuracy(est[k], curves[j], curve=True)
                 rec["auc"].append(float(a["auc"][0]))
                 rec["angle"].append(float(a["angle"][0]))
                 rec["auc_mean_srf"].append(float(mean_acc[j]["auc"][0]))
                 rec["angle_mean_srf"].append(float(mean_acc[j]["angle"][0]))
                 rec["top1"].append(float(top[k] == j))
-                rec["frac"].append(within(est[k], curves[j], ths))
-                rec["frac_mean_srf"].append(mean_frac[j])
+                rec["frac"].append(a["within"][0].tolist())
+                rec["frac_mean_srf"].append(mean_acc[j]["within"][0].tolist())
     return rec
-
-
-def within(est, true, ths):
-    """Fraction of SRF samples within relative error t (``srf_accuracy``'s AUC curve)."""
-    e = est / est.sum(axis=0, keepdims=True)
-    t = true / true.sum(axis=0, keepdims=True)
-    rel = np.abs(e - t) / t.max(axis=0, keepdims=True)
-    return [float(v) for v in (rel[..., None] <= ths).mean(axis=(0, 1))]
 
 
 def merge_sweeps(sweeps, n_cameras: int):
@@ -408,6 +408,8 @@ def main(argv=None):
     p.add_argument("--ablation", choices=("none", "ladder", "regularisers", "all"),
                    default="none", help="train the Table 3 ladder and/or the Table 5 "
                    "regulariser rows (paper loss forms) instead of the code objective")
+    p.add_argument("--d-pixels", action="store_true",
+                   help="train with pixel-shuffled discriminator inputs (LossWeights.d_pixels)")
     p.add_argument("--figure", default=None, help="PNG of the SRF estimates (first trained row)")
     p.add_argument("--workdir", default=None, help="a train.py --method ussr run to score")
     p.add_argument("--segmenter-steps", type=int, default=200)
@@ -501,7 +503,7 @@ def main(argv=None):
             add(PAIRED_LS[args.hsi_stream], score(lambda r: B.predict(ls, r), test_cubes,
                                                   test_srf)["per_image"])
         if args.train_steps > 0:
-            for row, weights in training_rows(args.ablation):
+            for row, weights in training_rows(args.ablation, args.d_pixels):
                 log(f"{fold_name}: training {row} ({args.train_steps} iterations, HSI stream "
                     f"{len(hsi_cubes)} cubes)")
                 model, variables, apply = train_ussr(args, dictionary, rgb_stream, hsi_cubes,

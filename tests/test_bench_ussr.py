@@ -87,17 +87,22 @@ def test_ablation_table_direction_against_the_paper(bu):
     assert "| L1-GC |" in "\n".join(table) and line["L1-GC"].rstrip().endswith("| no, no |")
 
 
-def test_srf_curve_area_is_srf_accuracy_auc(bu):
+def test_srf_curve_area_is_srf_accuracy_auc():
     from jaxspec.models import ussr as U
     rng = np.random.default_rng(1)
     true = rng.random((31, 3)) + 0.1
     est = true + 0.05 * rng.standard_normal((31, 3))
-    ths = np.linspace(0, 1, 101)
-    frac = bu.within(est, true, ths)
-    assert frac[-1] == 1.0 and frac[0] < 0.1
-    auc = np.trapezoid(frac, ths)
-    assert auc == pytest.approx(float(U.srf_accuracy(est, true)["auc"][0]), abs=1e-9)
-    assert bu.within(true, true, ths) == [1.0] * len(ths)
+    a = U.srf_accuracy(est, true, curve=True)
+    ths, frac = a["thresholds"], a["within"][0]
+    assert ths.shape == frac.shape == (101,) and ths[0] == 0 and ths[-1] == 1
+    assert frac[-1] == 1.0 and frac[0] < 0.1 and np.all(np.diff(frac) >= 0)
+    # by hand: relative error to each true curve's peak, after normalising both to sum 1
+    e, t = est / est.sum(0), true / true.sum(0)
+    rel = np.abs(e - t) / t.max(0)
+    np.testing.assert_allclose(frac, [(rel <= th).mean() for th in ths])
+    assert np.trapezoid(frac, ths) == pytest.approx(float(a["auc"][0]), abs=1e-12)
+    assert np.all(U.srf_accuracy(true, true, curve=True)["within"] == 1.0)
+    assert "within" not in U.srf_accuracy(est, true)
 
 
 def test_camera_sweep_pads_chunks_and_scores_every_render(bu):

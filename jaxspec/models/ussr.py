@@ -64,10 +64,10 @@ __all__ = [
     "adaptive_pool", "resize_nearest", "resize_bilinear", "l1_gradient_clip",
     "l1_gradient_clip_reference", "BCR", "DenseLayer", "GeneratorStage", "Generator",
     "SRFEstimator", "Discriminator", "SemanticHead", "RGBSegmenter", "USSR",
-    "LossWeights", "discriminator_input", "bce_with_logits", "back_projection_loss",
-    "smoothness_loss", "positivity_loss", "semantic_cross_entropy", "gradient_penalty",
-    "generator_loss", "discriminator_loss", "min_norm_inverse", "smooth_inverse",
-    "select_smooth_lambda", "psnr_per_band", "paper_metrics", "srf_accuracy",
+    "LossWeights", "discriminator_input", "shuffle_pixels", "bce_with_logits",
+    "back_projection_loss", "smoothness_loss", "positivity_loss", "semantic_cross_entropy",
+    "gradient_penalty", "generator_loss", "discriminator_loss", "min_norm_inverse",
+    "smooth_inverse", "select_smooth_lambda", "psnr_per_band", "paper_metrics", "srf_accuracy",
     "authors_name", "param_table", "from_torch_state_dict", "to_torch_state_dict",
     "save_param_tree", "load_param_tree", "fit_segmenter",
     "PHASE_PARAMS", "make_phase_losses", "make_optimizers", "init_train_state", "make_train_step",
@@ -705,6 +705,10 @@ class LossWeights:
     1e-2 on ``||Y - |Y|||_F^2`` (Eq. 11). ``gp`` ("none" | "one" | "zero") and ``gp_weight``
     select the Table 5 alternatives (1-GP: penalty (||grad||-1)^2, 0-GP: ||grad||^2, on
     real/fake interpolates); ``l1gc=False`` removes the clipping (Table 3 ablations).
+    ``d_pixels=True`` (ours, not the authors'): every discriminator input -- fake, real and the
+    penalty's interpolates -- has its pixels shuffled across the batch (one fresh permutation
+    per step, after the per-image mean normalisation), so D judges spectra only and cannot
+    separate the two streams by their spatial structure (see :func:`shuffle_pixels`).
     """
     adv: float = 1.0
     bp: float = 100.0
@@ -716,6 +720,7 @@ class LossWeights:
     l1gc: bool = True
     gp: str = "none"                   # "none" | "one" (1-GP) | "zero" (0-GP)
     gp_weight: float = 10.0
+    d_pixels: bool = False
 
     def __post_init__(self):
         if self.smooth_kind not in ("squared", "l1"):
@@ -742,6 +747,14 @@ def discriminator_input(hsi: Array, eps: float = 1e-6) -> Array:
     uses mean|Y| for fakes and mean(Y) for the non-negative real cubes: the same there)."""
     m = jnp.mean(jnp.abs(hsi), axis=tuple(range(1, hsi.ndim)), keepdims=True)
     return hsi / (jax.lax.stop_gradient(m) + eps)
+
+
+def shuffle_pixels(x: Array, key: Array) -> Array:
+    """(B, H, W, C) with its B*H*W pixel spectra permuted (one permutation of ``key``, the same
+    for every call with that key): spatial structure destroyed, the set of spectra kept."""
+    b, h, w, c = x.shape
+    flat = x.reshape(b * h * w, c)
+    return jnp.take(flat, jax.random.permutation(key, b * h * w), axis=0).reshape(x.shape)
 
 
 def bce_with_logits(logits: Array, target: float) -> Array:
@@ -921,8 +934,8 @@ def paper_metrics(pred: Array, gt: Array) -> dict[str, np.ndarray]:
             "mrae": np.asarray(_metrics.mrae(pred, jnp.maximum(gt, 1e-6)))}
 
 
-def srf_accuracy(est: Array, true: Array, thresholds: Sequence[float] | None = None
-                 ) -> dict[str, np.ndarray]:
+def srf_accuracy(est: Array, true: Array, thresholds: Sequence[float] | None = None,
+                 curve: bool = False) -> dict[str, np.ndarray]:
     """Accuracy of estimated SRFs against the true ones, per image.
 
     Both (B, C, 3) (or (C, 3)) are compared after normalising every channel to sum 1, so
@@ -930,6 +943,8 @@ def srf_accuracy(est: Array, true: Array, thresholds: Sequence[float] | None = N
     an RGB image). ``rmse``: RMS difference / mean curve value; ``angle``: mean over channels of
     the angle (degrees) between curves; ``auc``: area under the fraction-of-samples-within-
     relative-error-t curve for t in [0, 1] (our reading of the paper's Fig. 5 "AUC"; 1 = exact).
+    ``curve=True`` adds that curve: ``within`` (B, T), the fraction at each of ``thresholds``
+    (T; default 101 points on [0, 1]), and ``thresholds`` itself.
     """
     e = np.asarray(est, np.float64)
     t = np.asarray(true, np.float64)
@@ -947,7 +962,10 @@ def srf_accuracy(est: Array, true: Array, thresholds: Sequence[float] | None = N
     rel = np.abs(e - t) / t.max(axis=1, keepdims=True)               # error relative to peak
     frac = (rel[..., None] <= ths).mean(axis=(1, 2))                 # (B, T)
     auc = np.trapezoid(frac, ths, axis=-1) / (ths[-1] - ths[0])
-    return {"rmse": rmse, "angle": angle, "auc": auc}
+    out = {"rmse": rmse, "angle": angle, "auc": auc}
+    if curve:
+        out.update(within=frac, thresholds=ths)
+    return out
 
 
 # ============================================================================================
@@ -1182,6 +1200,9 @@ def make_phase_losses(weights: LossWeights | None = None, *, rgb_key: Any = "rgb
         fake = jax.lax.stop_gradient(reconstruct(apply_fn, variables, _get(batch, rgb_key))["hsi"])
         real = _get(batch, hsi_key)
         fake_n, real_n = discriminator_input(fake), discriminator_input(real)
+        if w.d_pixels:
+            fake_n = shuffle_pixels(fake_n, jax.random.fold_in(rngs["gp"], 1))
+            real_n = shuffle_pixels(real_n, jax.random.fold_in(rngs["gp"], 2))
         lf, upd = disc(apply_fn, variables, fake_n)
         lr_, upd = disc(apply_fn, _merge_state(variables, upd), real_n)
         gp = None
@@ -1199,8 +1220,10 @@ def make_phase_losses(weights: LossWeights | None = None, *, rgb_key: Any = "rgb
         rgb = _get(batch, rgb_key)
         out = reconstruct(apply_fn, variables, rgb)
         hsi = out["hsi"]
-        x = l1_gradient_clip(hsi) if w.l1gc else hsi
-        logits, upd = disc(apply_fn, variables, discriminator_input(x))
+        x = discriminator_input(l1_gradient_clip(hsi) if w.l1gc else hsi)
+        if w.d_pixels:
+            x = shuffle_pixels(x, jax.random.fold_in(rngs["gp"], 3))
+        logits, upd = disc(apply_fn, variables, x)
         sem_logits = labels = None
         if semantic and w.sem:
             sem_logits, upd2 = apply_fn(_merge_state(variables, upd), rgb, hsi, True,
