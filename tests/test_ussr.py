@@ -598,6 +598,47 @@ def test_optimizer_groups_update_only_their_phase():
     assert np.all(np.asarray(upd["E1"]["w"]) != 0)
 
 
+def test_shuffle_pixels_and_d_pixels_wiring():
+    """``shuffle_pixels`` permutes the B*H*W spectra (the same set; key-determined order), and
+    ``LossWeights(d_pixels=True)`` feeds every D input of both phases through it, after the
+    per-image mean normalisation; ``d_pixels=False`` (the authors') feeds D unshuffled."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((2, 4, 4, 31)), jnp.float32)
+    key = jax.random.PRNGKey(3)
+    y = U.shuffle_pixels(x, key)
+    rows = lambda a: np.sort(np.asarray(a).reshape(-1, 31), axis=0)   # noqa: E731
+    np.testing.assert_array_equal(rows(y), rows(x))
+    assert not np.array_equal(np.asarray(y), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(U.shuffle_pixels(x, key)), np.asarray(y))
+    fake = jnp.asarray(rng.random((2, 4, 4, 31)), jnp.float32)
+    seen = []
+
+    def apply_fn(variables, *args, method=None, mutable=None, **kw):
+        if method is U.USSR.reconstruct:
+            return {"hsi": fake, "residual": jnp.zeros((2, 4, 4, 3))}
+        if method is U.USSR.discriminate:
+            seen.append(args[0])
+            return jnp.sum(args[0] * jnp.arange(16.0).reshape(1, 4, 4, 1), (1, 2, 3)), \
+                {"batch_stats": {}}
+        if method is U.USSR.loss_weights:
+            return None
+        raise AssertionError(method)
+
+    batch = {"rgb": jnp.zeros((2, 4, 4, 3)), "hsi_real": x, "label": None}
+    rngs = {"gp": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}
+    for d_pixels in (False, True):
+        losses = U.make_phase_losses(U.LossWeights(d_pixels=d_pixels, sem=0.0), semantic=False)
+        seen.clear()
+        losses["dis"](apply_fn, {"params": {}}, batch, rngs)
+        losses["gen"](apply_fn, {"params": {}}, batch, rngs)
+        want = [U.discriminator_input(fake), U.discriminator_input(x),
+                U.discriminator_input(fake)]
+        assert len(seen) == 3
+        for got, w in zip(seen, want):
+            np.testing.assert_allclose(rows(got), rows(w), rtol=1e-6)
+            assert np.allclose(np.asarray(got), np.asarray(w)) != d_pixels
+
+
 @pytest.mark.slow
 def test_unpaired_train_step_runs_and_respects_groups():
     """Two jitted USSR iterations on random unpaired data (minutes of XLA:CPU compile)."""
