@@ -233,6 +233,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("argv, code, needle", [
     (["bench/fusion.py", "--scales", "8,x"], 2, "--scales: 'x' is not an integer"),
     (["bench/daem.py", "--variants", "estimated,nosuch"], 2, "--variants: unknown 'nosuch'"),
+    (["bench/daem.py", "--back-projection", "-1"], 2, "--back-projection must be >= 0"),
     (["bench/sweep.py", "--method", "mstpp", "--trial", "a:nosuch=1"], 2,
      "unknown config key 'nosuch'"),
     (["bench/fusion.py", "--out", "{tmp}/afile/out.json"], 6, "the directory of --out"),

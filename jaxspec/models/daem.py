@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxspec import layers
+from jaxspec import fusion_baselines, layers
 
 Array = jax.Array
 
@@ -327,7 +327,10 @@ class DAEM(nn.Module):
     ``__call__(lr_hsi, hr_msi)`` -> the HR-HSI estimate ``mean(Dec(Enc(hr_msi)))`` (B, H, W, C)
     (deterministic; the released code evaluates one sample, see :meth:`sample_hr`). The encoder
     never sees ``lr_hsi`` (as the code); it is checked for shape consistency. The PSF kernel is
-    ``scale x scale`` (the code ties the kernel size to the scale factor)."""
+    ``scale x scale`` (the code ties the kernel size to the scale factor).
+    ``back_projection`` > 0 (ours, not the paper's; default 0 = the paper) then runs that many
+    iterations of :func:`jaxspec.fusion_baselines.back_project` with the estimated PSF, so the
+    output agrees with the LR-HSI it was given."""
     n_bands: int = 31
     msi_bands: int = 3
     scale: int = 32
@@ -345,6 +348,8 @@ class DAEM(nn.Module):
     theta_weights: Sequence[float] = (0.5, 0.2, 0.2)
     beta: float = 0.5
     consistency: str = "paper"
+    # ours, not the paper's: iterations of back-projection onto the LR-HSI after the mean head
+    back_projection: int = 0
 
     def setup(self):
         self.fusion = FusionVAE(self.n_bands, self.n_endmembers, self.decoder,
@@ -408,6 +413,9 @@ class DAEM(nn.Module):
         if self.is_initializing():
             self.degradation()
         mean, _ = self.fusion(hr_msi)
+        if self.back_projection and lr_hsi is not None:
+            mean = fusion_baselines.back_project(mean, layers.as_floating(lr_hsi), self.scale,
+                                                 self.psf(), iters=self.back_projection)
         return mean
 
 
