@@ -27,7 +27,8 @@ whose loaders and baselines are reused here):
    classical fusion). ``--back-projection N`` (default 5) adds rows for DAEM and for
    ``lr_regression`` followed by N iterations of ``fusion_baselines.back_project`` with the
    PSF that method used (ours, not the paper's: the per-pixel maps made consistent with the
-   LR-HSI; 0 = no such rows). PSNR is reported twice: ours (one MSE, peak 1, clamped) and the
+   LR-HSI; 0 = no such rows; a back-projected DAEM row shows the fine-tuning's seconds, the
+   step's own ~0.1 s not added). PSNR is reported twice: ours (one MSE, peak 1, clamped) and the
    authors' band-wise PSNR (``metrics.psnr_bands``).
 
 Metrics (``jaxspec.metrics.evaluate_all``, ERGAS with the scale) are on [0, 1] data.
