@@ -373,12 +373,20 @@ def test_smooth_inverse_normal_equations_and_constant_spectra():
     np.testing.assert_allclose(np.asarray(rec), flat, rtol=1e-4)
 
 
-def test_select_smooth_lambda_prefers_smoothing_for_smooth_spectra():
+def test_select_smooth_lambda_does_not_oversmooth_smooth_spectra():
+    """Smooth (80 nm Gaussian) spectra: the smoothest exact fit (small lambda) is as good as any
+    and heavy smoothing loses, so the selection stays below the grid's top; it is the grid's
+    RMSE minimiser (float64 solve: no float32 error penalising small lambda any more)."""
     srf = physics.get_srf("cie1964")
     wl = physics.WAVELENGTHS_31
     spectra = np.stack([np.exp(-((wl - c) / 80.0) ** 2) for c in np.linspace(380, 720, 40)])
     lam = U.select_smooth_lambda(spectra, srf)
-    assert lam > 1e-5
+    assert lam <= 1e-2
+    y = spectra.reshape(1, 1, -1, 31).astype(np.float32)
+    x = np.asarray(physics.project(y, srf))
+    rmse = lambda v: float(np.sqrt(np.mean((np.asarray(U.smooth_inverse(x, srf, v)) - y) ** 2)))  # noqa: E731
+    assert rmse(lam) <= min(rmse(v) for v in (1e-5, 1e-3, 1e-1, 1.0, 10.0)) + 1e-6
+    assert rmse(10.0) > rmse(lam) * 1.05
 
 
 # ----------------------------------------------------------------------------------------------

@@ -884,13 +884,21 @@ def smooth_inverse(rgb: Array, srf: Array, lam: float = 1e-2) -> Array:
     with ``D`` the (C-1, C) first-difference matrix. ``lam`` is relative to the scale of
     ``S S^T`` (multiplied by ``trace(S S^T) / C``), so it does not depend on the SRF's
     normalisation. The system is non-singular for ``lam > 0`` when some channel has a non-zero
-    sum (constants are the null space of D)."""
+    sum (constants are the null space of D). With a concrete ``srf`` (the usual case) the 31 x 31
+    system is solved in float64 with numpy, so the result does not depend on the LAPACK build;
+    a traced ``srf`` takes a float32 solve with one step of iterative refinement."""
     rgb = jnp.asarray(rgb, jnp.float32)
     s = _srf_batch(srf, rgb.shape[0])
     c = s.shape[1]
     d = np.diff(np.eye(c), axis=0)
-    dtd = jnp.asarray(d.T @ d, jnp.float32)
     hi = jax.lax.Precision.HIGHEST
+    if physics.render.is_concrete(s):
+        s64 = np.asarray(s, np.float64)
+        sst64 = np.einsum("bck,bdk->bcd", s64, s64)
+        scale64 = np.trace(sst64, axis1=1, axis2=2)[:, None, None] / c
+        m64 = np.linalg.solve(sst64 + lam * scale64 * (d.T @ d), s64)      # (B, C, 3)
+        return jnp.einsum("bhwk,bck->bhwc", rgb, jnp.asarray(m64, jnp.float32), precision=hi)
+    dtd = jnp.asarray(d.T @ d, jnp.float32)
     sst = jnp.einsum("bck,bdk->bcd", s, s, precision=hi)
     scale = jnp.trace(sst, axis1=1, axis2=2)[:, None, None] / c
     a = sst + lam * scale * dtd
