@@ -889,24 +889,28 @@ def smooth_inverse(rgb: Array, srf: Array, lam: float = 1e-2) -> Array:
     a traced ``srf`` takes a float32 solve with one step of iterative refinement."""
     rgb = jnp.asarray(rgb, jnp.float32)
     s = _srf_batch(srf, rgb.shape[0])
-    c = s.shape[1]
-    d = np.diff(np.eye(c), axis=0)
     hi = jax.lax.Precision.HIGHEST
     if physics.render.is_concrete(s):
         s64 = np.asarray(s, np.float64)
-        sst64 = np.einsum("bck,bdk->bcd", s64, s64)
-        scale64 = np.trace(sst64, axis1=1, axis2=2)[:, None, None] / c
-        m64 = np.linalg.solve(sst64 + lam * scale64 * (d.T @ d), s64)      # (B, C, 3)
-        return jnp.einsum("bhwk,bck->bhwc", rgb, jnp.asarray(m64, jnp.float32), precision=hi)
-    dtd = jnp.asarray(d.T @ d, jnp.float32)
-    sst = jnp.einsum("bck,bdk->bcd", s, s, precision=hi)
-    scale = jnp.trace(sst, axis1=1, axis2=2)[:, None, None] / c
-    a = sst + lam * scale * dtd
-    m = jnp.linalg.solve(a, s)                                     # (B, C, 3) = A^{-1} S
-    # One step of iterative refinement: A is ill-conditioned for small lam and a float32 LU
-    # leaves ~1e-4 relative error whose size depends on the LAPACK build (jax 0.10 vs 0.12).
-    m = m + jnp.linalg.solve(a, s - jnp.einsum("bcd,bdk->bck", a, m, precision=hi))
-    return jnp.einsum("bhwk,bck->bhwc", rgb, m, precision=jax.lax.Precision.HIGHEST)
+        m = jnp.asarray(np.linalg.solve(_smooth_system(s64, lam, np), s64), jnp.float32)
+    else:
+        a = _smooth_system(s, lam, jnp)
+        m = jnp.linalg.solve(a, s)                                 # (B, C, 3) = A^{-1} S
+        # One step of iterative refinement: A is ill-conditioned for small lam and a float32
+        # LU leaves ~1e-4 relative error whose size depends on the LAPACK build.
+        m = m + jnp.linalg.solve(a, s - jnp.einsum("bcd,bdk->bck", a, m, precision=hi))
+    return jnp.einsum("bhwk,bck->bhwc", rgb, m, precision=hi)
+
+
+def _smooth_system(s, lam: float, xp):
+    """``A = S S^T + lam (trace(S S^T) / C) D^T D`` for (B, C, 3) ``s``; ``xp`` = numpy (float64)
+    or jax.numpy (float32, HIGHEST precision)."""
+    c = s.shape[1]
+    d = np.diff(np.eye(c), axis=0)
+    kw = {"precision": jax.lax.Precision.HIGHEST} if xp is jnp else {}
+    sst = xp.einsum("bck,bdk->bcd", s, s, **kw)
+    scale = xp.trace(sst, axis1=1, axis2=2)[:, None, None] / c
+    return sst + lam * scale * xp.asarray(d.T @ d, s.dtype)
 
 
 def select_smooth_lambda(hsi_pixels: np.ndarray, srf: np.ndarray,
