@@ -42,14 +42,14 @@ def _bench_module(name):
 
 
 def test_profile_charges_thunks_to_flax_modules():
-    """bench/profile.py: a traced call's thunks are charged to the Flax module of their
+    """bench/xla_profile.py: a traced call's thunks are charged to the Flax module of their
     op_name (backward ops marked), control-flow containers not counted twice, and the
     report covers the call."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
-    prof = _bench_module("profile")
+    prof = _bench_module("xla_profile")
     assert prof.module_path("jit(step)/jvp(Net)/enc/conv/conv_general_dilated", 2) == "Net/enc"
     assert prof.module_path("jit(step)/transpose(jvp(Net))/enc/dot_general", 3) == \
         "Net/enc [bwd]"
@@ -70,3 +70,13 @@ def test_profile_charges_thunks_to_flax_modules():
     assert any(m.startswith("Net/wide") for m in r["modules"]), dict(r["modules"])
     assert all(r["index"][n]["op"] not in prof._CONTAINERS for n in r["instructions"])
     assert "ms/call" in prof.report(r, top=5)
+
+
+def test_no_script_shadows_the_standard_library():
+    """Running ``python bench/X.py`` puts bench/ first on sys.path (and spawned workers inherit
+    it): a bench/profile.py once shadowed the stdlib ``profile``, so ``import cProfile`` (torch's
+    optimiser imports it) failed in torch_compare's train workers. Same for the repo root."""
+    import sys
+    for folder in (REPO / "bench", REPO):
+        clash = sorted(p.stem for p in folder.glob("*.py") if p.stem in sys.stdlib_module_names)
+        assert not clash, f"{folder} has scripts named like stdlib modules: {clash}"

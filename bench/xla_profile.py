@@ -1,9 +1,9 @@
 """Where a method's time goes: per-module and per-op self time of its compiled inference (or
 train step) from a ``jax.profiler`` trace.
 
-    python bench/profile.py --method mcga                 # 482x512 inference, cpu preset
-    python bench/profile.py --method mstpp --train        # one train step at the preset's crop
-    python bench/profile.py --method acc --depth 4 --top 30
+    python bench/xla_profile.py --method mcga                 # 482x512 inference, cpu preset
+    python bench/xla_profile.py --method mstpp --train        # one train step at the preset's crop
+    python bench/xla_profile.py --method acc --depth 4 --top 30
 
 The program is compiled once, run ``--warmup`` times, then ``--reps`` times under
 ``jax.profiler.trace``. Every event of the trace whose name is an HLO instruction of the
