@@ -293,6 +293,56 @@ def test_conv2d_down_and_pointwise_match_numpy():
     np.testing.assert_allclose(apply(pw, v, x), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("ksize,stride,padding", [
+    ((3, 3), 1, "SAME"), ((4, 4), 2, ((1, 1), (1, 1))), ((3, 3), 2, "SAME"), ((5, 3), 3, "VALID"),
+    ((1, 3), 1, 2), ((4, 4), 2, "SAME"), ((2, 2), 1, ((0, 1), (1, 0)))])
+def test_conv2d_cpu_form_equals_the_convolution_values_grads_forward_mode(ksize, stride, padding):
+    # conv2d's CPU form (custom JVP, per-tap kernel term after a space-to-depth by the stride)
+    # against lax.conv_general_dilated: values, reverse-mode gradients of x and the kernel,
+    # forward mode in the kernel (jacfwd, what the Jacobian studies use) and second order
+    x = jnp.asarray(RNG.normal(size=(2, 9, 11, 3)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=ksize + (3, 4)), jnp.float32)
+
+    def f(impl):
+        return lambda x_, k_: L.conv2d(x_, k_, stride, padding, impl=impl)
+
+    ys, yl = f("shift")(x, k), f("lax")(x, k)
+    assert ys.shape == yl.shape
+    np.testing.assert_allclose(ys, yl, atol=1e-5, rtol=1e-5)
+    w = jnp.asarray(RNG.normal(size=ys.shape), jnp.float32)
+
+    def loss(impl):
+        return lambda x_, k_: jnp.sum(w * jnp.tanh(f(impl)(x_, k_)))
+
+    for a, b in zip(jax.grad(loss("shift"), (0, 1))(x, k), jax.grad(loss("lax"), (0, 1))(x, k)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(jax.jacfwd(f("shift"), 1)(x, k), jax.jacfwd(f("lax"), 1)(x, k),
+                               atol=1e-5, rtol=1e-5)
+    hess = {impl: jax.hessian(lambda k_: jnp.sum(w * f(impl)(x, k_)) ** 2)(k)
+            for impl in ("shift", "lax")}
+    np.testing.assert_allclose(hess["shift"], hess["lax"], rtol=1e-4, atol=1e-2)
+
+
+def test_conv2d_cpu_form_keeps_the_padded_input_and_runs_dots():
+    # reverse mode keeps x (padded) and the kernel, not one shifted copy per tap, and the
+    # compiled kernel gradient has one dot per tap and no image-window convolution
+    x = jnp.asarray(RNG.normal(size=(2, 32, 32, 8)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(3, 3, 8, 8)), jnp.float32)
+    conv = functools.partial(L.conv2d, impl="shift")
+    res = jax.tree_util.tree_leaves(jax.vjp(conv, x, k)[1])
+    assert sum(leaf.nbytes for leaf in res) <= 1.2 * x.nbytes + k.nbytes
+    dy = jnp.ones((2, 32, 32, 8), jnp.float32)
+    hlo = jax.jit(lambda x_, k_: jax.vjp(lambda kk: conv(x_, kk), k_)[1](dy)).lower(
+        x, k).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    assert entry.count(" dot(") == 9 and "convolution(" not in entry
+    assert "window={size=32x32" not in hlo
+    with pytest.raises(ValueError, match="same C"):
+        L.conv2d(x, k[:, :, :4], 1)
+    with pytest.raises(ValueError, match="padding must be"):
+        L.conv2d(x, k, 1, "FULL")
+
+
 def test_conv_transpose_matches_torch_scatter_definition():
     x = RNG.normal(size=(2, 3, 4, 6)).astype(np.float32)
     up = L.ConvTranspose2d(5, stride=2)
