@@ -318,7 +318,7 @@ def test_conv2d_cpu_form_equals_the_convolution_values_grads_forward_mode(ksize,
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
     np.testing.assert_allclose(jax.jacfwd(f("shift"), 1)(x, k), jax.jacfwd(f("lax"), 1)(x, k),
                                atol=1e-5, rtol=1e-5)
-    hess = {impl: jax.hessian(lambda k_: jnp.sum(w * f(impl)(x, k_)) ** 2)(k)
+    hess = {impl: jax.hessian(lambda k_, i=impl: jnp.sum(w * f(i)(x, k_)) ** 2)(k)
             for impl in ("shift", "lax")}
     np.testing.assert_allclose(hess["shift"], hess["lax"], rtol=1e-4, atol=1e-2)
 
