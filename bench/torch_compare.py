@@ -18,12 +18,16 @@ PyTorch model's random init converted by ``jaxspec.convert``; outputs are checke
   ``jax.jit(value_and_grad + optax.adam)`` with the state donated (the same work as the torch
   step; the engine's step adds only norms for logging). Each framework's step runs in a worker
   process of its own (at the paper's batch each needs 12-14 GiB at its peak, more than one
-  process can hold on a 24 GiB machine), driven alternately from this one; peak RSS of each
-  is printed.
+  process can hold on a 24 GiB machine); by default each worker runs alone, in rounds that
+  alternate the order (``--train-order``, ``--train-rounds``); peak RSS of each is printed.
 * **allocator**: both frameworks allocate their large temporaries afresh on every call; glibc's
   malloc serves blocks over 32 MiB by mmap, so each call page-faults them in again. Which
   allocator ran (``LD_PRELOAD``, e.g. ``libtcmalloc_minimal.so.4``) is printed and recorded;
-  compare like with like.
+  compare like with like. So are ``GLIBC_TUNABLES``: with ``glibc.malloc.hugetlb=1`` (glibc
+  >= 2.35) malloc asks for transparent huge pages on those blocks (THP mode ``madvise``, the
+  usual default), 512x fewer page faults (MST++ step at 20 x 128 x 128: ~10 -> ~2.5 s of
+  kernel time); the THP mode is printed. The CPU model and its matmul peak are printed too:
+  ratios differ between machines (oneDNN and XLA:CPU do not gain alike).
 * **alternating**: each repeat times torch then jax (order flipped every repeat), with a pause
   between so OpenMP spin-waiting does not overlap; medians, min/max and the ratio
   ``torch / jax`` (> 1: jaxspec faster) are printed. The machine may be shared: the 1-minute
@@ -48,6 +52,25 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
+def _thp_mode() -> str:
+    """The bracketed transparent-huge-page mode (``always`` / ``madvise`` / ``never``)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else text.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def _stats(ts):
     return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "n": len(ts),
             "all_s": ts}
@@ -58,7 +81,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--train-repeats", type=int, default=3)
+    p.add_argument("--train-repeats", type=int, default=3,
+                   help="timed steps per worker (per round when isolated)")
+    p.add_argument("--train-rounds", type=int, default=2,
+                   help="isolated: rounds of one worker alone per framework")
+    p.add_argument("--train-order", choices=("isolated", "interleaved"), default="isolated")
     p.add_argument("--what", choices=("infer", "train", "both"), default="both")
     p.add_argument("--height", type=int, default=482)
     p.add_argument("--width", type=int, default=512)
@@ -69,7 +96,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     import _cli
-    for opt in ("threads", "repeats", "train_repeats", "height", "width", "crop", "batch"):
+    for opt in ("threads", "repeats", "train_repeats", "train_rounds", "height", "width", "crop",
+                "batch"):
         _cli.positive("--" + opt.replace("_", "-"), getattr(a, opt))
     if a.json:
         _cli.output_file(a.json, "--json")
@@ -106,10 +134,13 @@ def main(argv=None) -> int:
     res = {"jax": jax.__version__, "torch": torch.__version__, "threads": a.threads,
            "cpus": os.cpu_count(), "machine": platform.machine(),
            "ld_preload": os.environ.get("LD_PRELOAD", ""),
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "thp": _thp_mode(),
+           "cpu_model": _cpu_model(),
            "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
           f"{a.threads} thread(s) on CPUs {cpus[:a.threads]}, load avg {os.getloadavg()}, "
-          f"allocator: {res['ld_preload'] or 'glibc malloc (no LD_PRELOAD)'}")
+          f"allocator: {res['ld_preload'] or 'glibc malloc (no LD_PRELOAD)'}, GLIBC_TUNABLES="
+          f"{res['glibc_tunables'] or '(unset)'}, THP {res['thp']}, CPU {res['cpu_model']}")
 
     def alternate(run_torch, run_jax, n):
         tt, tj = [], []
@@ -122,11 +153,11 @@ def main(argv=None) -> int:
                 acc.append(time.perf_counter() - t)
         return _stats(tt), _stats(tj)
 
-    def report(name, st, sj):
+    def report(name, st, sj, how="alternating repeats"):
         ratio = st["median_s"] / sj["median_s"]
         print(f"{name}: torch median {st['median_s']:.3f} s [{st['min_s']:.3f}, "
               f"{st['max_s']:.3f}], jax median {sj['median_s']:.3f} s [{sj['min_s']:.3f}, "
-              f"{sj['max_s']:.3f}] over {st['n']} alternating repeats -> torch/jax = "
+              f"{sj['max_s']:.3f}] over {st['n']} {how} -> torch/jax = "
               f"{ratio:.2f}x")
         res[name] = {"torch": st, "jax": sj, "ratio_torch_over_jax": ratio}
 
@@ -169,16 +200,18 @@ def main(argv=None) -> int:
               f"{res['matmul_peak_gflops']:.1f} GFLOP/s")
 
     if a.what in ("train", "both"):
-        # one worker process per framework, alternating: the two train steps at the paper's
-        # batch need ~12-14 GiB each at their peak, more than fits in one process here
+        # worker processes per framework: the two train steps at the paper's batch need
+        # ~12-14 GiB each at their peak, more than fits in one process here
         del official
         st, sj, first, compile_s = _train_alternating(a, cpus)
         res["train_first_loss"] = first
         res["train_jax_compile_s"] = compile_s
         print(f"train step {a.batch}x{a.crop}x{a.crop}: first MRAE torch {first['torch']:.6f} "
               f"jax {first['jax']:.6f} (jax compile {compile_s:.1f} s; one worker process each)")
-        report("train", st, sj)
+        report("train", st, sj, "steps, " + ("each worker alone, order alternating per round"
+                                             if a.train_order == "isolated" else "interleaved"))
         res["train_batch"], res["train_crop"] = a.batch, a.crop
+        res["train_order"], res["train_rounds"] = a.train_order, a.train_rounds
         res["train_peak_rss_mib"] = {k: v for k, v in first.items() if k.endswith("rss_mib")}
         print(f"train peak RSS: torch {first['torch_rss_mib']:.0f} MiB, "
               f"jax {first['jax_rss_mib']:.0f} MiB")
@@ -268,35 +301,64 @@ def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus) ->
     conn.close()
 
 
+def _start_worker(ctx, side, a, cpus):
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_train_worker, args=(side, child, a.batch, a.crop, a.threads,
+                                                   cpus[:a.threads]))
+    proc.start()
+    first, compile_s, rss = parent.recv()
+    return proc, parent, first, compile_s, rss
+
+
+def _stop_worker(proc, conn) -> None:
+    conn.send("stop")
+    proc.join(timeout=60)
+
+
 def _train_alternating(a, cpus):
-    """Torch and JAX train steps in two worker processes, timed alternately (order flipped
-    every repeat, ``a.pause`` seconds between runs); returns their stats, the first losses and
-    peak RSS, and the JAX compile time."""
+    """Torch and JAX train steps in worker processes. ``--train-order isolated`` (default):
+    ``--train-rounds`` rounds, each running one framework's worker **alone** (the other's
+    process has exited) for ``--train-repeats`` timed steps after its first, then the other's,
+    the order flipped every round. ``interleaved``: both workers alive, one step each in turn
+    (order flipped every repeat) - at the paper's batch the two processes together need more
+    than this machine's memory, and the step that follows the other framework's pays for the
+    kernel reclaiming and compacting its freed pages (JAX's one ~12 GiB temporary more than
+    PyTorch's many blocks: 14-22 s interleaved vs 9.7 s alone here). ``a.pause`` seconds
+    between runs. Returns the stats, first losses, peak RSS and the JAX compile time."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    workers = {}
-    for side in ("torch", "jax"):     # one at a time, so the set-ups do not overlap either
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_train_worker, args=(side, child, a.batch, a.crop, a.threads,
-                                                       cpus[:a.threads]))
-        proc.start()
-        first, compile_s, rss = parent.recv()
-        workers[side] = (proc, parent, first, compile_s, rss)
     times = {"torch": [], "jax": []}
-    try:
-        for i in range(a.train_repeats):
-            for side in (("torch", "jax") if i % 2 == 0 else ("jax", "torch")):
-                time.sleep(a.pause)
-                workers[side][1].send("step")
-                times[side].append(workers[side][1].recv())
-    finally:
-        for proc, conn, *_ in workers.values():
-            conn.send("stop")
-            proc.join(timeout=60)
-    first = {side: w[2] for side, w in workers.items()}
-    first.update({f"{side}_rss_mib": w[4] for side, w in workers.items()})
-    return _stats(times["torch"]), _stats(times["jax"]), first, workers["jax"][3]
+    info = {}
+    if a.train_order == "isolated":
+        for r in range(a.train_rounds):
+            for side in (("torch", "jax") if r % 2 == 0 else ("jax", "torch")):
+                w = _start_worker(ctx, side, a, cpus)
+                info.setdefault(side, w[2:])
+                try:
+                    for _ in range(a.train_repeats):
+                        time.sleep(a.pause)
+                        w[1].send("step")
+                        times[side].append(w[1].recv())
+                finally:
+                    _stop_worker(*w[:2])
+    else:
+        workers = {}
+        for side in ("torch", "jax"):  # one at a time, so the set-ups do not overlap either
+            workers[side] = _start_worker(ctx, side, a, cpus)
+            info[side] = workers[side][2:]
+        try:
+            for i in range(a.train_repeats):
+                for side in (("torch", "jax") if i % 2 == 0 else ("jax", "torch")):
+                    time.sleep(a.pause)
+                    workers[side][1].send("step")
+                    times[side].append(workers[side][1].recv())
+        finally:
+            for proc, conn, *_ in workers.values():
+                _stop_worker(proc, conn)
+    first = {side: v[0] for side, v in info.items()}
+    first.update({f"{side}_rss_mib": v[2] for side, v in info.items()})
+    return _stats(times["torch"]), _stats(times["jax"]), first, info["jax"][1]
 
 
 def cli(argv=None) -> int:
