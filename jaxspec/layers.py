@@ -414,7 +414,8 @@ def conv2d(x: Array, kernel: Array, strides: int = 1, padding: Padding = "SAME",
             x.shape[1:3], (kh, kw), (s, s), padding.upper()))
     else:
         pads = _resolve_padding(padding, kh, kw)
-    kernel = kernel.astype(x.dtype)
+    dtype = jnp.result_type(x.dtype, kernel.dtype)        # e.g. an int image: float32
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
     if resolve_depthwise_impl(impl) == "lax":
         return _lax_conv(x, kernel, s, pads)
     return _conv_taps(x, kernel, s, pads)

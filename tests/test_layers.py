@@ -337,6 +337,10 @@ def test_conv2d_cpu_form_keeps_the_padded_input_and_runs_dots():
     entry = hlo[hlo.index("ENTRY"):]
     assert entry.count(" dot(") == 9 and "convolution(" not in entry
     assert "window={size=32x32" not in hlo
+    xi = jnp.asarray(RNG.integers(0, 255, size=(1, 6, 6, 8)), jnp.int32)   # promoted, not cast
+    yi = conv(xi, k)
+    assert yi.dtype == jnp.float32
+    np.testing.assert_allclose(yi, L.conv2d(xi.astype(jnp.float32), k, impl="lax"), rtol=1e-6)
     with pytest.raises(ValueError, match="same C"):
         L.conv2d(x, k[:, :, :4], 1)
     with pytest.raises(ValueError, match="padding must be"):
