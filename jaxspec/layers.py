@@ -235,13 +235,16 @@ def _dw_kernel_3d(kernel: Array, channels: int) -> Array:
     return kernel
 
 
-def _resolve_padding(padding: Padding, kh: int, kw: int) -> tuple[tuple[int, int], ...]:
+def _resolve_padding(padding: Padding, kh: int, kw: int, stride: int = 1,
+                     in_hw: tuple[int, int] = (1, 1)) -> tuple[tuple[int, int], ...]:
+    """Explicit ``((top, bottom), (left, right))``; ``"SAME"`` follows XLA's convention for
+    ``stride``, which needs the input's ``in_hw`` when ``stride > 1``."""
     if isinstance(padding, str):
         p = padding.upper()
         if p not in ("SAME", "VALID"):
             raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), "
                              f"(left, right)); got {padding!r}")
-        return tuple(lax.padtype_to_pads((1, 1), (kh, kw), (1, 1), p))  # stride 1
+        return tuple(tuple(v) for v in lax.padtype_to_pads(in_hw, (kh, kw), (stride, stride), p))
     if isinstance(padding, (int, np.integer)):
         return ((int(padding),) * 2,) * 2
     pads = tuple(tuple(int(v) for v in p) for p in padding)
@@ -406,14 +409,7 @@ def conv2d(x: Array, kernel: Array, strides: int = 1, padding: Padding = "SAME",
                          f"same C; got {tuple(x.shape)} and {tuple(kernel.shape)}")
     kh, kw = int(kernel.shape[0]), int(kernel.shape[1])
     s = int(strides)
-    if isinstance(padding, str):
-        if padding.upper() not in ("SAME", "VALID"):
-            raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), "
-                             f"(left, right)); got {padding!r}")
-        pads = tuple(tuple(p) for p in lax.padtype_to_pads(
-            x.shape[1:3], (kh, kw), (s, s), padding.upper()))
-    else:
-        pads = _resolve_padding(padding, kh, kw)
+    pads = _resolve_padding(padding, kh, kw, s, x.shape[1:3])
     dtype = jnp.result_type(x.dtype, kernel.dtype)        # e.g. an int image: float32
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if resolve_depthwise_impl(impl) == "lax":
