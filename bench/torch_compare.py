@@ -323,23 +323,30 @@ def _train_alternating(a, cpus):
     (order flipped every repeat) - at the paper's batch the two processes together need more
     than this machine's memory, and the step that follows the other framework's pays for the
     kernel reclaiming and compacting its freed pages (JAX's one ~12 GiB temporary more than
-    PyTorch's many blocks: 14-22 s interleaved vs 9.7 s alone here). ``a.pause`` seconds
+    PyTorch's many blocks: 13.7-21.9 s interleaved vs 10.1-11.5 s alone, 2026-12-06). ``a.pause`` seconds
     between runs. Returns the stats, first losses, peak RSS and the JAX compile time."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     times = {"torch": [], "jax": []}
     info = {}
+
+    def order(i):
+        return ("torch", "jax") if i % 2 == 0 else ("jax", "torch")
+
+    def timed_step(side, conn):
+        time.sleep(a.pause)
+        conn.send("step")
+        times[side].append(conn.recv())
+
     if a.train_order == "isolated":
         for r in range(a.train_rounds):
-            for side in (("torch", "jax") if r % 2 == 0 else ("jax", "torch")):
+            for side in order(r):
                 w = _start_worker(ctx, side, a, cpus)
                 info.setdefault(side, w[2:])
                 try:
                     for _ in range(a.train_repeats):
-                        time.sleep(a.pause)
-                        w[1].send("step")
-                        times[side].append(w[1].recv())
+                        timed_step(side, w[1])
                 finally:
                     _stop_worker(*w[:2])
     else:
@@ -349,10 +356,8 @@ def _train_alternating(a, cpus):
             info[side] = workers[side][2:]
         try:
             for i in range(a.train_repeats):
-                for side in (("torch", "jax") if i % 2 == 0 else ("jax", "torch")):
-                    time.sleep(a.pause)
-                    workers[side][1].send("step")
-                    times[side].append(workers[side][1].recv())
+                for side in order(i):
+                    timed_step(side, workers[side][1])
         finally:
             for proc, conn, *_ in workers.values():
                 _stop_worker(proc, conn)
