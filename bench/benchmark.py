@@ -149,11 +149,35 @@ def build_train(setup: dict):
     state = create_train_state(model, tx, jax.random.PRNGKey(0), out_sharding=rep,
                                inputs=args, kwargs=kwargs)
     rng = np.random.default_rng(0)
+    if cfg.streams:
+        from jaxspec.train.loop import shard_nested
+        batch = shard_nested(_stream_batch(cfg, info, rng), mesh)
+        return state, batch, steps_lib.build_train_step(model, cfg, method), rep
     host = _random_inputs(task, info, cfg.crop, side, cfg.batch_size, 3)
     host[task.target_key] = (rng.random((cfg.batch_size, cfg.crop, cfg.crop, info.bands)) * 0.8
                              + 0.1).astype(np.float32)
     batch = sharding.shard_batch(host, mesh)
     return state, batch, steps_lib.build_train_step(model, cfg, method), rep
+
+
+def _stream_batch(cfg, info, rng) -> dict:
+    """A random ``{stream: batch}`` of ``config.streams`` (unpaired methods such as USSR): each
+    stream's ``keys`` at the crop and the stream's batch size; ``rgb`` uniform, ``label``
+    integers in [-1, n_classes) (-1: ignored), any other key an HSI cube in [0.1, 0.9]."""
+    import numpy as np
+    out = {}
+    for name, spec in sorted(cfg.streams.items()):
+        shape = (int(spec.get("batch_size", cfg.batch_size)), cfg.crop, cfg.crop)
+        out[name] = {}
+        for k in spec.get("keys", ()):
+            if k == "label":
+                n = int(dict(cfg.model).get("n_classes", 2))
+                out[name][k] = rng.integers(-1, n, shape).astype(np.int32)
+            elif k == "rgb":
+                out[name][k] = rng.random(shape + (3,)).astype(np.float32)
+            else:
+                out[name][k] = (rng.random(shape + (info.bands,)) * 0.8 + 0.1).astype(np.float32)
+    return out
 
 
 def bench_method(name: str, preset: str | None, reps: int) -> dict:
@@ -479,6 +503,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--preset", default=None, help="default: cpu on CPU, paper otherwise")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--worker-timeout", type=float, default=None,
+                   help="seconds per method's subprocess (default: none); a method that runs "
+                        "longer gets an error row and the next one starts")
     p.add_argument("--workdir", action="append", default=[], metavar="METHOD=PATH",
                    help="trained run to evaluate on CAVE (repeatable)")
     p.add_argument("--srf", default="cie1964", help="SRF used to render CAVE RGB")
@@ -525,7 +552,14 @@ def main(argv=None) -> int:
     for n in names:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", n,
                "--reps", str(args.reps)] + (["--preset", args.preset] if args.preset else [])
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        try:
+            r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                               timeout=args.worker_timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"method": n, "error": f"timed out after {args.worker_timeout:g} s "
+                                               f"(--worker-timeout)"})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         res = [l for l in r.stdout.splitlines() if l.startswith("RESULT:")]
         if r.returncode or not res:
             rows.append({"method": n, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})

@@ -28,6 +28,14 @@ PyTorch model's random init converted by ``jaxspec.convert``; outputs are checke
   usual default), 512x fewer page faults (MST++ step at 20 x 128 x 128: ~10 -> ~2.5 s of
   kernel time); the THP mode is printed. The CPU model and its matmul peak are printed too:
   ratios differ between machines (oneDNN and XLA:CPU do not gain alike).
+* **GPU**: ``--device cuda`` runs both on the first GPU (PyTorch CUDA build, jax with the
+  CUDA plugin): torch with ``cudnn.benchmark`` (autotuned convolutions, as XLA autotunes) and
+  ``torch.cuda.synchronize()`` in every timed call; jax without preallocating 75 % of the GPU
+  (the inference process and the train workers share it). ``--precision tf32`` (default)
+  gives both frameworks TF32 matmuls and convolutions (JAX's default on GPU; torch's
+  ``allow_tf32`` flags set), ``fp32`` full float32 in both (``jax_default_matmul_precision``
+  ``highest``). Peak memory is then the device's (``torch.cuda.max_memory_allocated``, XLA's
+  ``peak_bytes_in_use``) instead of the process's RSS.
 * **alternating**: each repeat times torch then jax (order flipped every repeat), with a pause
   between so OpenMP spin-waiting does not overlap; medians, min/max and the ratio
   ``torch / jax`` (> 1: jaxspec faster) are printed. The machine may be shared: the 1-minute
@@ -92,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--pause", type=float, default=1.0, help="seconds between timed runs")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("tf32", "fp32"), default="tf32",
+                   help="--device cuda: TF32 (both frameworks) or full float32")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -106,6 +117,9 @@ def main(argv=None) -> int:
     if a.threads > len(cpus):
         print(f"only {len(cpus)} CPUs available, using them all", file=sys.stderr)
     os.sched_setaffinity(0, cpus[:a.threads])
+    if a.device == "cuda":
+        # the train workers are separate processes on the same GPU
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     sys.path.insert(0, str(REPO))
     try:
         import torch
@@ -118,11 +132,10 @@ def main(argv=None) -> int:
     if ref is None:
         print("skipped: official MST++ code not found (../shared/reference/mstpp)")
         return 0
-    torch.set_num_threads(a.threads)
+    dev = _setup_frameworks(a.device, a.precision, a.threads)
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
     from jaxspec.models.mstpp import MSTPlusPlus
 
@@ -131,13 +144,18 @@ def main(argv=None) -> int:
     sd = {k: v.detach().numpy() for k, v in official.state_dict().items()}
     _, variables = convert.convert_checkpoint("mstpp", sd)
     model = MSTPlusPlus()
+    official.to(dev)
     res = {"jax": jax.__version__, "torch": torch.__version__, "threads": a.threads,
+           "device": a.device, "precision": a.precision if a.device == "cuda" else "fp32",
+           "accelerator": (torch.cuda.get_device_name(0) if a.device == "cuda" else ""),
            "cpus": os.cpu_count(), "machine": platform.machine(),
            "ld_preload": os.environ.get("LD_PRELOAD", ""),
            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "thp": _thp_mode(),
            "cpu_model": _cpu_model(),
            "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()[0]}
-    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
+    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+          f"({a.device}{' ' + res['accelerator'] if res['accelerator'] else ''}, "
+          f"{res['precision']}), "
           f"{a.threads} thread(s) on CPUs {cpus[:a.threads]}, load avg {os.getloadavg()}, "
           f"allocator: {res['ld_preload'] or 'glibc malloc (no LD_PRELOAD)'}, GLIBC_TUNABLES="
           f"{res['glibc_tunables'] or '(unset)'}, THP {res['thp']}, CPU {res['cpu_model']}")
@@ -164,7 +182,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     if a.what in ("infer", "both"):
         x = rng.uniform(0, 1, (1, a.height, a.width, 3)).astype(np.float32)
-        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dev)
         official.eval()
         xj = jnp.asarray(x)
         t = time.perf_counter()
@@ -177,9 +195,11 @@ def main(argv=None) -> int:
 
         def run_torch():
             with torch.no_grad():
-                return official(xt)
+                y = official(xt)
+            _sync(torch, dev)
+            return y
 
-        yt = run_torch().numpy().transpose(0, 2, 3, 1)
+        yt = run_torch().cpu().numpy().transpose(0, 2, 3, 1)
         res["infer_max_abs_diff"] = float(np.abs(yt - yj).max())
         print(f"inference {a.height}x{a.width}: outputs agree to {res['infer_max_abs_diff']:.1e}"
               f" (jax compile + first call {res['infer_jax_first_call_s']:.1f} s)")
@@ -212,9 +232,10 @@ def main(argv=None) -> int:
                                              if a.train_order == "isolated" else "interleaved"))
         res["train_batch"], res["train_crop"] = a.batch, a.crop
         res["train_order"], res["train_rounds"] = a.train_order, a.train_rounds
-        res["train_peak_rss_mib"] = {k: v for k, v in first.items() if k.endswith("rss_mib")}
-        print(f"train peak RSS: torch {first['torch_rss_mib']:.0f} MiB, "
-              f"jax {first['jax_rss_mib']:.0f} MiB")
+        res["train_peak_mib"] = {k: v for k, v in first.items() if k.endswith("peak_mib")}
+        res["train_peak_kind"] = "device" if a.device == "cuda" else "process RSS"
+        print(f"train peak memory ({res['train_peak_kind']}): torch "
+              f"{first['torch_peak_mib']:.0f} MiB, jax {first['jax_peak_mib']:.0f} MiB")
 
     res["load_after"] = os.getloadavg()[0]
     try:
@@ -228,19 +249,56 @@ def main(argv=None) -> int:
     return 0
 
 
-def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus) -> None:
+def _setup_frameworks(device: str, precision: str, threads: int):
+    """Torch threads and, on a GPU, both frameworks' matmul/convolution precision
+    (``tf32``/``fp32``) and torch's autotuned convolutions; returns the torch device."""
+    import torch
+    torch.set_num_threads(threads)
+    if device != "cuda":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU (a CPU-only torch build?)")
+    import jax
+    if jax.default_backend() != "gpu":
+        raise SystemExit(f"--device cuda: jax runs on {jax.default_backend()!r}, not a GPU "
+                         "(install jax with its CUDA plugin)")
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if tf32 else "highest")
+    return torch.device("cuda")
+
+
+def _sync(torch, dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mib(side: str, dev) -> float:
+    """Device peak on a GPU, else the process's peak RSS (MiB)."""
+    if dev.type == "cuda":
+        if side == "torch":
+            import torch
+            return torch.cuda.max_memory_allocated() / 2 ** 20
+        import jax
+        return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus, device: str,
+                  precision: str) -> None:
     """Child process: build one framework's MST++ train step (same weights and data in both:
     torch seed 0, numpy seed 1), then answer each ``"step"`` message with the seconds one step
-    took; the first answer is ``(first loss, JAX compile seconds or 0, peak RSS in MiB)``."""
-    import resource
-
+    took; the first answer is ``(first loss, JAX compile seconds or 0, peak memory in MiB)``."""
     os.sched_setaffinity(0, cpus)
     sys.path.insert(0, str(REPO))
     import numpy as np
     import torch
 
     from jaxspec import convert
-    torch.set_num_threads(threads)
+    dev = _setup_frameworks(device, precision, threads)
     torch.manual_seed(0)
     official = convert.load_module_from_file(
         convert.reference_code("mstpp/MST_Plus_Plus.py")).MST_Plus_Plus()
@@ -249,9 +307,9 @@ def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus) ->
     hsi = rng.uniform(0.1, 0.9, (batch, crop, crop, 31)).astype(np.float32)
     compile_s = 0.0
     if side == "torch":
-        rgb_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)))
-        hsi_t = torch.from_numpy(np.ascontiguousarray(hsi.transpose(0, 3, 1, 2)))
-        official.train()
+        rgb_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))).to(dev)
+        hsi_t = torch.from_numpy(np.ascontiguousarray(hsi.transpose(0, 3, 1, 2))).to(dev)
+        official.to(dev).train()
         opt_t = torch.optim.Adam(official.parameters(), lr=4e-4, betas=(0.9, 0.999))
 
         def run():
@@ -259,7 +317,7 @@ def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus) ->
             loss = torch.mean(torch.abs(official(rgb_t) - hsi_t) / hsi_t)
             loss.backward()
             opt_t.step()
-            return loss.item()
+            return loss.item()      # waits for the GPU
     else:
         import jax
         import jax.numpy as jnp
@@ -292,8 +350,7 @@ def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus) ->
             holder[0], loss = compiled(holder[0], rgb_j, hsi_j)
             return float(loss)
     first = run()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    conn.send((first, compile_s, rss))
+    conn.send((first, compile_s, _peak_mib(side, dev)))
     while conn.recv() == "step":
         t = time.perf_counter()
         run()
@@ -304,10 +361,10 @@ def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus) ->
 def _start_worker(ctx, side, a, cpus):
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_train_worker, args=(side, child, a.batch, a.crop, a.threads,
-                                                   cpus[:a.threads]))
+                                                   cpus[:a.threads], a.device, a.precision))
     proc.start()
-    first, compile_s, rss = parent.recv()
-    return proc, parent, first, compile_s, rss
+    first, compile_s, peak = parent.recv()
+    return proc, parent, first, compile_s, peak
 
 
 def _stop_worker(proc, conn) -> None:
@@ -362,7 +419,7 @@ def _train_alternating(a, cpus):
             for proc, conn, *_ in workers.values():
                 _stop_worker(proc, conn)
     first = {side: v[0] for side, v in info.items()}
-    first.update({f"{side}_rss_mib": v[2] for side, v in info.items()})
+    first.update({f"{side}_peak_mib": v[2] for side, v in info.items()})
     return _stats(times["torch"]), _stats(times["jax"]), first, info["jax"][1]
 
 

@@ -80,3 +80,26 @@ def test_no_script_shadows_the_standard_library():
     for folder in (REPO / "bench", REPO):
         clash = sorted(p.stem for p in folder.glob("*.py") if p.stem in sys.stdlib_module_names)
         assert not clash, f"{folder} has scripts named like stdlib modules: {clash}"
+
+
+def test_benchmark_train_batch_of_an_unpaired_method():
+    """bench/benchmark.py times USSR's phases step on a random ``{stream: batch}`` of its
+    ``config.streams`` (it failed on a flat batch: the phases read ``batch["rgb"]["rgb"]``)."""
+    import jax
+    import numpy as np
+
+    bm = _benchmark()
+    setup = bm.build_inference("ussr", "smoke", image=(32, 32))
+    cfg = setup["cfg"]
+    state, batch, step_fn, _ = bm.build_train(setup)
+    assert set(batch) == set(cfg.streams)
+    for name, spec in cfg.streams.items():
+        assert sorted(batch[name]) == sorted(spec["keys"])
+    assert batch["rgb"]["rgb"].shape == (cfg.batch_size, cfg.crop, cfg.crop, 3)
+    assert batch["hsi"]["hsi"].shape == (cfg.batch_size, cfg.crop, cfg.crop, 31)
+    label = np.asarray(batch["rgb"]["label"])
+    assert label.dtype == np.int32 and label.min() >= -1
+    assert label.max() < dict(cfg.model)["n_classes"]
+    new_state, metrics = jax.eval_shape(step_fn, state, batch)   # traces every phase's loss
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert metrics
