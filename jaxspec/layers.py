@@ -425,7 +425,8 @@ def _lax_conv(x: Array, k: Array, s: int, pads) -> Array:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _conv_taps(x: Array, k: Array, s: int, pads) -> Array:
     """:func:`conv2d` on the CPU: the forward is the convolution; the JVP is
-    ``conv(tx, k) + x (*) tk`` with the kernel term written per tap on the padded input,
+    ``conv(tx, k) + x (*) tk`` (with a stride, ``conv(tx, k)`` is taken after a space-to-depth,
+    :func:`_space_to_depth_conv`) and the kernel term written per tap on the padded input,
     ``sum_{u,v} (xp @ tk[u, v])[slice_uv]``, after a space-to-depth by the stride (so a
     ``4x4`` stride-2 kernel becomes a ``2x2`` stride-1 kernel over ``4C`` channels, no
     wasted products). Reverse mode transposes it into one ``(C, O)`` matmul per tap,
@@ -455,12 +456,23 @@ def _space_to_depth_taps(x: Array, k: Array, s: int, pads):
     return xs, ks, h_out, w_out
 
 
+def _space_to_depth_conv(x: Array, k: Array, s: int, pads) -> Array:
+    """``conv(x, k, s, pads)`` as a stride-1 VALID convolution of the space-to-depth input.
+    Its transpose (the input gradient) is a stride-1 convolution and a depth-to-space, where
+    that of the strided convolution is one over an input dilated by ``s``, which XLA:CPU runs
+    slowly (MST++'s 4x4 stride-2 31 -> 62 down-sampling at 20 x 128 x 128: input + kernel
+    gradient 274 -> 169 ms)."""
+    xs, ks, h_out, w_out = _space_to_depth_taps(x, k, s, pads)
+    y = _lax_conv(xs, ks, 1, ((0, 0), (0, 0)))
+    return y[:, :h_out, :w_out, :]
+
+
 def _conv_taps_jvp(s, pads, primals, tangents):
     (x, k), (tx, tk) = primals, tangents
     y = _conv_taps(x, k, s, pads)
     t = None
     if not isinstance(tx, SymbolicZero):
-        t = _lax_conv(tx, k, s, pads)
+        t = _lax_conv(tx, k, s, pads) if s == 1 else _space_to_depth_conv(tx, k, s, pads)
     if not isinstance(tk, SymbolicZero):
         xs, ks, h_out, w_out = _space_to_depth_taps(x, tk, s, pads)
         flat = xs.reshape(-1, xs.shape[-1])          # one residual, shared by the taps

@@ -347,6 +347,23 @@ def test_conv2d_cpu_form_keeps_the_padded_input_and_runs_dots():
         L.conv2d(x, k, 1, "FULL")
 
 
+def test_conv2d_cpu_form_strided_input_gradient_is_a_stride_1_convolution():
+    # the input gradient of a strided conv (MST++'s 4x4 stride-2 down-sampling) compiles to
+    # a stride-1 convolution of the space-to-depth layout, not one over an lhs-dilated input
+    x = jnp.asarray(RNG.normal(size=(2, 16, 16, 3)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(4, 4, 3, 5)), jnp.float32)
+    dy = jnp.asarray(RNG.normal(size=(2, 8, 8, 5)), jnp.float32)
+
+    def grad_x(impl):
+        conv = functools.partial(L.conv2d, strides=2, padding=1, impl=impl)
+        return jax.jit(lambda x_, k_: jax.vjp(lambda xx: conv(xx, k_), x_)[1](dy)[0])
+
+    hlo = {impl: grad_x(impl).lower(x, k).compile().as_text() for impl in ("shift", "lax")}
+    assert "lhs_dilate=2x2" in hlo["lax"]          # what XLA makes of the strided transpose
+    assert "lhs_dilate" not in hlo["shift"] and "convolution(" in hlo["shift"]
+    np.testing.assert_allclose(grad_x("shift")(x, k), grad_x("lax")(x, k), rtol=1e-5, atol=1e-5)
+
+
 def test_conv_transpose_matches_torch_scatter_definition():
     x = RNG.normal(size=(2, 3, 4, 6)).astype(np.float32)
     up = L.ConvTranspose2d(5, stride=2)
