@@ -85,15 +85,20 @@ def mrae_pos(pred, gt):
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
     """What the task needs to know about the data: HSI band count C, MSI/RGB band count M
-    (None for hsi2hsi), fusion scale s (1 otherwise) and PSF size k (fusion)."""
+    (None for hsi2hsi), fusion scale s (1 otherwise), PSF size k and the operator that made
+    the LR-HSI (fusion: ``"same"`` or ``"daem"``, :attr:`jaxspec.data.fusion.Degradation.mode`)."""
     bands: int
     msi_bands: int | None = None
     scale: int = 1
     psf_size: int | None = None
+    degradation: str | None = None
+
+    QUANTITIES = ("bands", "msi_bands", "scale", "degradation")
 
     def value(self, quantity: str):
-        if quantity not in ("bands", "msi_bands", "scale"):
-            raise ValueError(f"unknown data quantity {quantity!r}; use bands, msi_bands, scale")
+        if quantity not in self.QUANTITIES:
+            raise ValueError(f"unknown data quantity {quantity!r}; use "
+                             f"{', '.join(self.QUANTITIES)}")
         return getattr(self, quantity)
 
 
@@ -209,7 +214,8 @@ TASKS: dict[str, Task] = {
                     description="HSI autoencoding: HSI -> HSI (MCGA stage 1)"),
     "fusion": Task("fusion", ("lr_hsi", "hr_msi"), "hsi",
                    ("psnr", "sam", "ergas", "uiqi", "ssim", "rmse", "mrae_pos"), "psnr",
-                   {"out_channels": "bands", "msi_channels": "msi_bands", "scale": "scale"},
+                   {"out_channels": "bands", "msi_channels": "msi_bands", "scale": "scale",
+                    "degradation": "degradation"},
                    ensemble=False,
                    description="HSI super-resolution: LR-HSI (B,H/s,W/s,C) + HR-MSI (B,H,W,M) "
                                "-> HR-HSI (B,H,W,C)"),
@@ -252,7 +258,7 @@ def info_from_config(config, method) -> DataInfo:
         from jaxspec.data import fusion as fusion_data
         deg = fusion_data.degradation_from_config(config)
         return DataInfo(bands=bands, msi_bands=deg.msi_bands(), scale=deg.scale,
-                        psf_size=deg.psf_shape_size)
+                        psf_size=deg.psf_shape_size, degradation=deg.mode)
     if task.name == "rgb2hsi":
         return DataInfo(bands=bands, msi_bands=3)
     return DataInfo(bands=bands)

@@ -217,3 +217,28 @@ def test_registered_methods_end_to_end(tmp_path):
         assert not (tmp_path / name / "checkpoints").exists()
         psnr[name] = ev["mean"]["psnr"]
     assert psnr["cnmf"] > psnr["bicubic"] + 5, psnr
+
+
+def test_registered_baselines_on_the_daem_protocol(tmp_path):
+    """The cpu/paper presets synthesise pairs with the DAEM operator (psf="daem": valid
+    correlation with stride s, an s x s kernel); the baselines' ``degradation`` option is
+    filled from the fusion config (it was left at "same", so ``train.py --method bicubic``
+    stopped with "needs an odd psf size"). A conflicting explicit value is an error."""
+    import json
+
+    import pytest
+
+    from jaxspec import registry, tasks
+    from jaxspec.train import train_and_evaluate
+
+    for name in ("bicubic", "gsa"):
+        m = registry.get(name)
+        cfg = m.config("cpu", max_eval_images=1)
+        assert tasks.info_from_config(cfg, m).degradation == "daem"
+        assert tasks.resolve_config(cfg, m, 31).model["degradation"] == "daem"
+        train_and_evaluate(cfg, str(tmp_path / name))
+        ev = json.loads((tmp_path / name / "eval.json").read_text())
+        assert ev["num_images"] == 1 and 15 < ev["mean"]["psnr"] < 80, ev["mean"]
+    cfg = registry.get("gsa").config("cpu", model={"mode": "grouped", "degradation": "same"})
+    with pytest.raises(ValueError, match="model.degradation"):
+        tasks.resolve_config(cfg, registry.get("gsa"), 31)
