@@ -103,3 +103,13 @@ def test_benchmark_train_batch_of_an_unpaired_method():
     new_state, metrics = jax.eval_shape(step_fn, state, batch)   # traces every phase's loss
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert metrics
+
+
+def test_compile_times_covers_fusion_and_parameter_free_methods():
+    """bench/compile_times.py builds each method as bench/benchmark.py does (through its task):
+    a parameter-free fusion method has an inference compile and no train step."""
+    ct = _bench_module("compile_times")
+    r = ct.compile_times("bicubic", "smoke", 32, 32)
+    assert r["task"] == "fusion" and r["infer_compile_s"] >= 0 and "train_compile_s" not in r
+    r = ct.compile_times("mcga_vq", "smoke", 32, 32)
+    assert r["task"] == "hsi2hsi" and r["train_batch"] >= 1 and r["train_compile_s"] > 0
