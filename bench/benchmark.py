@@ -28,7 +28,9 @@ numbers. ``--fusion NAME`` (parameter-free) or ``--fusion NAME=WORKDIR`` scores 
 at each of ``--scales`` on the CAVE scenes and on ``--fusion-dataset`` (validation split), pairs
 synthesised by the method config's degradation (:func:`fusion_scores`).
 Writes ``bench/results_<backend>.json`` and re-renders ``bench/RESULTS.md`` from every
-``results_*.json`` there (one section per machine).
+``results_*.json`` there (one section per machine). A run without ``--workdir`` keeps the
+earlier file's CAVE scores (with the environment they were measured in), one without
+``--fusion`` its fusion rows. ``--worker-timeout S`` bounds each method's subprocess.
 """
 from __future__ import annotations
 
@@ -574,8 +576,9 @@ def main(argv=None) -> int:
         cave[m] = cave_metrics(path, args.srf, args.max_cave)
     if cave:
         cave["least squares"] = cave_least_squares(args.srf, args.max_cave)
-    if args.fusion_only and not cave:
-        cave = previous.get("cave") or {}
+    kept_cave = not cave and bool(previous.get("cave"))
+    if kept_cave:   # no --workdir: the earlier run's CAVE scores stay, with their environment
+        cave = previous["cave"]
     fusion = [] if args.fusion else list(previous.get("fusion") or [])
     for spec in args.fusion:
         for scale in (int(x) for x in args.scales.split(",") if x):
@@ -593,7 +596,9 @@ def main(argv=None) -> int:
     # --cave-only keeps the model rows of the earlier run, so their heading keeps its jax
     # version; the CAVE scores record the environment they were measured in
     results = {"environment": previous["environment"] if args.cave_only else env,
-               "matmul_peak_gflops": peak, "methods": rows, "cave": cave, "cave_environment": env,
+               "matmul_peak_gflops": peak, "methods": rows, "cave": cave,
+               "cave_environment": (previous.get("cave_environment", previous.get("environment"))
+                                    if kept_cave else env),
                "fusion": fusion}
     results_file.write_text(json.dumps(results, indent=2))
     render(Path(args.out).parent, args.out)
