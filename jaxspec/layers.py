@@ -460,8 +460,8 @@ def _space_to_depth_conv(x: Array, k: Array, s: int, pads) -> Array:
     """``conv(x, k, s, pads)`` as a stride-1 VALID convolution of the space-to-depth input.
     Its transpose (the input gradient) is a stride-1 convolution and a depth-to-space, where
     that of the strided convolution is one over an input dilated by ``s``, which XLA:CPU runs
-    slowly (MST++'s 4x4 stride-2 31 -> 62 down-sampling at 20 x 128 x 128: input + kernel
-    gradient 274 -> 169 ms)."""
+    slowly (MST++'s 4x4 stride-2 down-sampling: the largest thunks of its train step profile
+    before, bench/RESULTS.md)."""
     xs, ks, h_out, w_out = _space_to_depth_taps(x, k, s, pads)
     y = _lax_conv(xs, ks, 1, ((0, 0), (0, 0)))
     return y[:, :h_out, :w_out, :]
