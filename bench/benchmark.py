@@ -526,6 +526,8 @@ def main(argv=None) -> int:
     p.add_argument("--render-only", action="store_true",
                    help="re-write the markdown from bench/results_*.json (no measurements)")
     args = p.parse_args(argv)
+    if args.worker_timeout is not None and not args.worker_timeout > 0:
+        raise SystemExit(f"--worker-timeout must be > 0 seconds, got {args.worker_timeout:g}")
     if args.worker:
         return _worker(args)
     if args.render_only:

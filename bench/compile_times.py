@@ -35,7 +35,8 @@ REPO = HERE.parent
 def compile_times(name: str, preset: str, height: int, width: int) -> dict:
     import jax
 
-    sys.path.insert(0, str(HERE))
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
     import benchmark as bm
 
     from jaxspec.train import steps as steps_lib
