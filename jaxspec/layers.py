@@ -463,8 +463,18 @@ def _space_to_depth_conv(x: Array, k: Array, s: int, pads) -> Array:
     slowly (MST++'s 4x4 stride-2 down-sampling: the largest thunks of its train step profile
     before, bench/RESULTS.md)."""
     xs, ks, h_out, w_out = _space_to_depth_taps(x, k, s, pads)
-    y = _lax_conv(xs, ks, 1, ((0, 0), (0, 0)))
+    y = _lax_conv_oi(xs, ks, ((0, 0), (0, 0)))
     return y[:, :h_out, :w_out, :]
+
+
+def _lax_conv_oi(x: Array, k: Array, pads) -> Array:
+    """Stride-1 ``_lax_conv(x, k, 1, pads)`` with the kernel handed over as HWOI. The same
+    value; JAX transposes it (the input gradient) into a convolution whose kernel is HWIO,
+    the layout XLA:CPU's YNNPACK convolution takes also inside a loop body; the transpose of
+    the HWIO form is an HWOI (``01oi``) convolution that XLA:CPU runs with its slow generic
+    convolution there (scan / while bodies; at the top level it copies the kernel first)."""
+    return lax.conv_general_dilated(x, jnp.swapaxes(k, 2, 3), (1, 1), pads,
+                                    dimension_numbers=("NHWC", "HWOI", "NHWC"))
 
 
 def _conv_taps_jvp(s, pads, primals, tangents):
@@ -472,7 +482,7 @@ def _conv_taps_jvp(s, pads, primals, tangents):
     y = _conv_taps(x, k, s, pads)
     t = None
     if not isinstance(tx, SymbolicZero):
-        t = _lax_conv(tx, k, s, pads) if s == 1 else _space_to_depth_conv(tx, k, s, pads)
+        t = _lax_conv_oi(tx, k, pads) if s == 1 else _space_to_depth_conv(tx, k, s, pads)
     if not isinstance(tk, SymbolicZero):
         xs, ks, h_out, w_out = _space_to_depth_taps(x, tk, s, pads)
         flat = xs.reshape(-1, xs.shape[-1])          # one residual, shared by the taps

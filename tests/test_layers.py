@@ -1,6 +1,7 @@
 """Tests for jaxspec.layers: each block against a literal NumPy transcription of the PyTorch
 reference (MST-plus-plus ``MST_Plus_Plus.py``), both depthwise paths, init statistics, errors."""
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -362,6 +363,30 @@ def test_conv2d_cpu_form_strided_input_gradient_is_a_stride_1_convolution():
     assert "lhs_dilate=2x2" in hlo["lax"]          # what XLA makes of the strided transpose
     assert "lhs_dilate" not in hlo["shift"] and "convolution(" in hlo["shift"]
     np.testing.assert_allclose(grad_x("shift")(x, k), grad_x("lax")(x, k), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_conv2d_cpu_form_input_gradient_kernel_is_hwio_inside_a_loop(strides):
+    # the input gradient's convolution takes its kernel as HWIO (dim_labels ..._01io->...)
+    # also inside a scan body: XLA:CPU runs that layout through YNNPACK, while a 01oi kernel
+    # (JAX's transpose of an HWIO convolution, which XLA copies into HWIO only at the top
+    # level) falls back to its generic convolution, ~10x slower (micro-batched train steps)
+    x = jnp.asarray(RNG.normal(size=(3, 2, 16, 16, 6)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(4 if strides == 2 else 3,) * 2 + (6, 5)), jnp.float32)
+
+    def grads(impl):
+        conv = functools.partial(L.conv2d, strides=strides, padding=1, impl=impl)
+
+        def body(acc, xb):
+            gx, gk = jax.grad(lambda a, b: jnp.sum(conv(a, b) ** 2), argnums=(0, 1))(xb, k)
+            return acc + gk, gx
+        return jax.jit(lambda x_: jax.lax.scan(body, jnp.zeros_like(k), x_))
+
+    hlo = grads("shift").lower(x).compile().as_text()
+    labels = re.findall(r"convolution\(.*?dim_labels=\w+_(\w+)->", hlo)
+    assert labels and set(labels) == {"01io"}, labels
+    for a, b in zip(grads("shift")(x), grads("lax")(x)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_conv_transpose_matches_torch_scatter_definition():
