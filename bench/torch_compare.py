@@ -16,7 +16,9 @@ PyTorch model's random init converted by ``jaxspec.convert``; outputs are checke
 * **train step**: forward + MRAE loss (``mean(|pred - gt| / gt)``, the official ``Loss_MRAE``)
   + backward + Adam(4e-4) update, at ``--crop`` x ``--crop`` x ``--batch``; the JAX step is
   ``jax.jit(value_and_grad + optax.adam)`` with the state donated (the same work as the torch
-  step; the engine's step adds only norms for logging). Each framework's step runs in a worker
+  step; the engine's step adds only norms for logging); ``--jax-microbatches N`` makes it the
+  engine's ``config.microbatches=N`` step (the same update; the batch in N parts, one after
+  the other in a ``lax.scan``, so 1/N of the activations are alive). Each framework's step runs in a worker
   process of its own (at the paper's batch each needs 12-14 GiB at its peak, more than one
   process can hold on a 24 GiB machine); by default each worker runs alone, in rounds that
   alternate the order (``--train-order``, ``--train-rounds``); peak RSS of each is printed.
@@ -103,13 +105,21 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("tf32", "fp32"), default="tf32",
                    help="--device cuda: TF32 (both frameworks) or full float32")
+    p.add_argument("--jax-microbatches", type=int, default=1,
+                   help="the JAX train step as the engine's config.microbatches=N: the same "
+                        "update from N micro-batches in a lax.scan (1/N of the activation "
+                        "memory); must divide --batch")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     import _cli
     for opt in ("threads", "repeats", "train_repeats", "train_rounds", "height", "width", "crop",
-                "batch"):
+                "batch", "jax_microbatches"):
         _cli.positive("--" + opt.replace("_", "-"), getattr(a, opt))
+    if a.batch % a.jax_microbatches:
+        from jaxspec.errors import UsageError
+        raise UsageError(f"--jax-microbatches {a.jax_microbatches} must divide --batch "
+                         f"{a.batch}")
     if a.json:
         _cli.output_file(a.json, "--json")
 
@@ -227,10 +237,12 @@ def main(argv=None) -> int:
         res["train_first_loss"] = first
         res["train_jax_compile_s"] = compile_s
         print(f"train step {a.batch}x{a.crop}x{a.crop}: first MRAE torch {first['torch']:.6f} "
-              f"jax {first['jax']:.6f} (jax compile {compile_s:.1f} s; one worker process each)")
+              f"jax {first['jax']:.6f} (jax compile {compile_s:.1f} s; one worker process each; "
+              f"jax micro-batches {a.jax_microbatches})")
         report("train", st, sj, "steps, " + ("each worker alone, order alternating per round"
                                              if a.train_order == "isolated" else "interleaved"))
         res["train_batch"], res["train_crop"] = a.batch, a.crop
+        res["train_jax_microbatches"] = a.jax_microbatches
         res["train_order"], res["train_rounds"] = a.train_order, a.train_rounds
         res["train_peak_mib"] = {k: v for k, v in first.items() if k.endswith("peak_mib")}
         res["train_peak_kind"] = "device" if a.device == "cuda" else "process RSS"
@@ -288,7 +300,7 @@ def _peak_mib(side: str, dev) -> float:
 
 
 def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus, device: str,
-                  precision: str) -> None:
+                  precision: str, microbatches: int = 1) -> None:
     """Child process: build one framework's MST++ train step (same weights and data in both:
     torch seed 0, numpy seed 1), then answer each ``"step"`` message with the seconds one step
     took; the first answer is ``(first loss, JAX compile seconds or 0, peak memory in MiB)``."""
@@ -330,13 +342,20 @@ def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus, de
         model = MSTPlusPlus()
         tx = optax.adam(4e-4, b1=0.9, b2=0.999)
 
+        from jaxspec.train.steps import accumulate_gradients
+
         def step(state, rgb, hsi):
             params, opt = state
 
-            def loss_fn(p):
-                return jnp.mean(jnp.abs(model.apply({"params": p}, rgb) - hsi) / hsi)
+            def loss_fn(p, batch, _rngs):
+                r, h = batch
+                return jnp.mean(jnp.abs(model.apply({"params": p}, r) - h) / h), (None, {})
 
-            loss, g = jax.value_and_grad(loss_fn)(params)
+            if microbatches == 1:
+                (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(params, (rgb, hsi), {})
+            else:       # the engine's config.microbatches: the same update, a scan of parts
+                loss, _, g = accumulate_gradients(jax.value_and_grad(loss_fn, has_aux=True),
+                                                  params, (rgb, hsi), {}, microbatches)
             upd, opt = tx.update(g, opt, params)
             return (optax.apply_updates(params, upd), opt), loss
 
@@ -361,7 +380,8 @@ def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus, de
 def _start_worker(ctx, side, a, cpus):
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_train_worker, args=(side, child, a.batch, a.crop, a.threads,
-                                                   cpus[:a.threads], a.device, a.precision))
+                                                   cpus[:a.threads], a.device, a.precision,
+                                                   a.jax_microbatches))
     proc.start()
     first, compile_s, peak = parent.recv()
     return proc, parent, first, compile_s, peak

@@ -150,6 +150,43 @@ def test_batchnorm_stats_updated_and_rng_streams():
     assert float(m2["loss"]) != float(m1["loss"])
 
 
+def test_microbatches_give_the_whole_batch_update():
+    """config.microbatches=n: the scan over n micro-batches makes the same update as the
+    whole batch (mean of equal-size means); models with BatchNorm statistics are refused;
+    the config checks that n divides batch_size."""
+    method = _method()
+    batch = _batch(b=8)
+    out = {}
+    for n in (1, 2, 4):
+        c = _config(batch_size=8, microbatches=n)
+        model = method.model(c)
+        state = create_train_state(model, optim.make_optimizer(c), jax.random.PRNGKey(0),
+                                   (1, 8, 8, 3))
+        step = jax.jit(steps.build_train_step(model, c, method))
+        for _ in range(3):
+            state, m = step(state, batch)
+        out[n] = (state.params, {k: float(v) for k, v in m.items()})
+    for n in (2, 4):
+        for a, b in zip(jax.tree_util.tree_leaves(out[n][0]), jax.tree_util.tree_leaves(out[1][0])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for k in ("loss", "grad_norm"):
+            assert out[n][1][k] == pytest.approx(out[1][1][k], rel=1e-5), k
+    bn = _config(batch_size=8, microbatches=2, model={"use_bn": True})
+    model = method.model(bn)
+    state = create_train_state(model, optim.make_optimizer(bn), jax.random.PRNGKey(0),
+                               (1, 8, 8, 3))
+    with pytest.raises(ValueError, match="microbatches=2 needs a model without mutable state"):
+        steps.build_train_step(model, bn, method)(state, batch)
+    for bad in (3, 0, True):
+        with pytest.raises(ValueError, match="microbatches must be a positive integer"):
+            _config(batch_size=8, microbatches=bad)
+    with pytest.raises(ValueError, match="leading batch axis divisible by 2"):
+        steps.split_microbatches({"rgb": jnp.zeros((3, 2))}, 2)
+    with pytest.raises(ValueError, match="microbatches=2 is only supported by the 'supervised'"):
+        steps.build_train_step(TinyNet(), _config(batch_size=8, microbatches=2),
+                               _method(step_kind="phases"))
+
+
 def test_bfloat16_mixed_precision_step():
     """compute_dtype=bfloat16: bf16 forward/backward, float32 master params, BN stats and loss;
     the loss agrees with the float32 step to bf16 accuracy and training still descends."""
@@ -378,7 +415,28 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         out.append(float(m["loss"]))
     from jaxspec.train.loop import shard_nested
     nested = shard_nested({"a": {"rgb": rgb}, "b": {"hsi": hsi}}, mesh)
+
+    class Plain(nn.Module):                      # no batch statistics: micro-batches allowed
+        @nn.compact
+        def __call__(self, rgb, train=False):
+            return jax.nn.softplus(nn.Conv(31, (3, 3))(nn.gelu(nn.Conv(8, (3, 3))(rgb)))) + 0.01
+
+    micro = {}
+    for n in (1, 2):
+        c = cfg.replace(batch_size=16, microbatches=n)
+        st = create_train_state(Plain(), optim.make_optimizer(c), jax.random.PRNGKey(0),
+                                (1, 8, 8, 3), out_sharding=rep)
+        stp = jax.jit(steps.build_train_step(Plain(), c, method), donate_argnums=0,
+                      out_shardings=(rep, rep))
+        r2 = np.random.default_rng(1)
+        micro[n] = []
+        for t in range(3):
+            hsi = (r2.random((16, 8, 8, 31)) * 0.8 + 0.1).astype(np.float32)
+            rgb = (hsi @ (np.linspace(0, 1, 93).reshape(31, 3) / 31)).astype(np.float32)
+            st, m = stp(st, sharding.shard_batch({"rgb": rgb, "hsi": hsi}, mesh))
+            micro[n].append(float(m["loss"]))
     print(json.dumps({"devices": jax.device_count(), "losses": out,
+                      "micro_losses": micro[2], "whole_losses": micro[1],
                       "sharding": str(batch["rgb"].sharding.spec),
                       "nested": str(nested["b"]["hsi"].sharding.spec)}))
 """)
@@ -401,6 +459,9 @@ def test_one_vs_eight_devices_same_losses(tmp_path):
     assert "data" in eight["sharding"] and "data" in eight["nested"]   # stream batches too
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=0, atol=1e-5)
     assert one["losses"][-1] < one["losses"][0]
+    # config.microbatches=2: the same numbers on 1 and 8 devices, and as the whole batch
+    np.testing.assert_allclose(eight["micro_losses"], one["micro_losses"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(one["micro_losses"], one["whole_losses"], rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- tensorboard / api

@@ -57,6 +57,11 @@ class Config:
     b2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    # Gradient accumulation inside one step ("supervised" step kind): the batch is split into
+    # this many equal micro-batches, run one after the other in a lax.scan, and their mean
+    # gradient makes one update -- the same update as the whole batch for models without
+    # batch-coupled state (an error with BatchNorm statistics); activation memory / microbatches
+    microbatches: int = 1
     loss: str = "mrae"
     aux_loss_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)  # model aux
     select_metric: str | None = None  # best-checkpoint metric; None = the task's (mrae / psnr)
@@ -93,6 +98,10 @@ class Config:
                 list(m) != sorted(set(m)):
             raise ValueError(f"config.adapt_lr_milestones must be increasing positive step "
                              f"counts, got {list(m)}")
+        if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or \
+                self.microbatches < 1 or self.batch_size % self.microbatches:
+            raise ValueError(f"config.microbatches must be a positive integer dividing "
+                             f"batch_size={self.batch_size}, got {self.microbatches!r}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"config.augment must be one of {AUGMENTS}, got {self.augment!r}")
 

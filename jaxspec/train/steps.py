@@ -75,6 +75,11 @@ def build_train_step(model, config: Config, method=None) -> StepFn:
     if kind not in _STEP_BUILDERS:
         raise ValueError(f"unknown step kind {kind!r} for method "
                          f"{getattr(method, 'name', None)!r}; registered: {step_kinds()}")
+    micro = int(getattr(config, "microbatches", 1) or 1)
+    if micro > 1 and kind != "supervised":
+        raise ValueError(f"config.microbatches={micro} is only supported by the 'supervised' "
+                         f"step kind; method {getattr(method, 'name', None)!r} trains with "
+                         f"{kind!r}: use microbatches=1")
     return _STEP_BUILDERS[kind](model, config, method)
 
 
@@ -159,6 +164,44 @@ def _task_of(method):
     return tasks.of(method) if method is not None else tasks.get("rgb2hsi")
 
 
+def split_microbatches(batch, n: int):
+    """Every leaf (B, ...) -> (n, B / n, ...), micro-batch k = rows ``k, k + n, k + 2n, ...``
+    (a reshape (B / n, n, ...) then a swap: contiguous per-device blocks of a batch sharded
+    over ``'data'`` stay on their devices)."""
+    def split(x):
+        x = jnp.asarray(x)
+        if x.ndim == 0 or x.shape[0] % n:
+            raise ValueError(f"config.microbatches={n}: every batch entry needs a leading batch "
+                             f"axis divisible by {n}; got shape {tuple(x.shape)}")
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+    return jax.tree_util.tree_map(split, batch)
+
+
+def accumulate_gradients(grad_fn, params, batch, rngs, n: int):
+    """``grad_fn(params, batch, rngs) -> ((loss, (model_state, aux)), grads)``, as
+    ``jax.value_and_grad(..., has_aux=True)`` returns it; ``rngs`` a dict of keys.
+
+    Mean loss, aux and gradient of ``grad_fn`` over ``n`` equal micro-batches, one after
+    the other in a ``lax.scan`` (only one micro-batch's activations are alive at a time).
+    The mean of the micro-batch means is the batch mean, so for a mean-reduced loss the
+    gradient is the whole batch's (to float32 rounding); micro-batch k draws its random
+    numbers from ``fold_in(key, k)``."""
+    def body(acc, xs):
+        k, mb = xs
+        keys = {name: jax.random.fold_in(key, k) for name, key in rngs.items()}
+        (loss, (_, aux)), g = grad_fn(params, mb, keys)
+        return jax.tree_util.tree_map(jnp.add, acc, (loss, aux, g)), None
+
+    first = jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(
+        lambda x: x[0], split_microbatches(batch, n)), rngs))
+    (_, (_, aux_shape)), _ = first
+    zero = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        (jax.ShapeDtypeStruct((), jnp.float32), aux_shape, params))
+    total, _ = jax.lax.scan(body, zero, (jnp.arange(n), split_microbatches(batch, n)))
+    return jax.tree_util.tree_map(lambda x: x / n, total)
+
+
 @register_step_kind("supervised")
 def supervised_step(model, config: Config, method=None) -> StepFn:
     """Plain supervised step. With ``compute_dtype="bfloat16"`` (mixed precision) the forward
@@ -172,11 +215,13 @@ def supervised_step(model, config: Config, method=None) -> StepFn:
     cdt = compute_dtype(config)
     mixed = cdt != jnp.float32
 
+    micro = int(getattr(config, "microbatches", 1) or 1)
+
     def step(state, batch):
         rngs = step_rngs(state, streams)
         collections = tuple(state.model_state)
 
-        def objective(params):
+        def objective(params, batch, rngs):
             variables = variables_of(cast_floating(params, cdt) if mixed else params,
                                      state.model_state)
             pred, aux, new_ms = model_call(task, method, state.apply_fn, variables, batch,
@@ -186,7 +231,17 @@ def supervised_step(model, config: Config, method=None) -> StepFn:
             new_ms = cast_floating(new_ms, jnp.float32) if mixed else new_ms
             return data_loss + aux_total(aux, config), ({**state.model_state, **new_ms}, aux)
 
-        (loss, (new_ms, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if micro == 1:
+            (loss, (new_ms, aux)), grads = grad_fn(state.params, batch, rngs)
+        else:
+            if collections:
+                raise ValueError(f"config.microbatches={micro} needs a model without mutable "
+                                 f"state; this one updates {sorted(collections)} (e.g. BatchNorm "
+                                 f"statistics), which would see micro-batches: use "
+                                 f"microbatches=1")
+            loss, aux, grads = accumulate_gradients(grad_fn, state.params, batch, rngs, micro)
+            new_ms = state.model_state
         new_state = state.apply_gradients(grads, model_state=new_ms)
         m = _diagnostics(loss, grads, new_state.params, schedule(state.step))
         m.update({f"aux/{k}": jnp.asarray(v, jnp.float32) for k, v in aux.items()})
