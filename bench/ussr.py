@@ -108,7 +108,8 @@ def spectral_scenes_streams(n_rgb: int | None = None):
     return rgb_stream, hsi_stream
 
 
-def train_ussr(args, dictionary, rgb_stream, hsi_stream, log, weights=None):
+def train_ussr(args, dictionary, rgb_stream, hsi_stream, log, weights=None,
+               prior_lambda: float = 0.0):
     import jax
     import jax.numpy as jnp
 
@@ -124,8 +125,9 @@ def train_ussr(args, dictionary, rgb_stream, hsi_stream, log, weights=None):
     e1 = U.fit_segmenter(rgbs, labels, n_classes=13, steps=args.segmenter_steps,
                          crop=args.crop, seed=args.seed, log=log)
     log(f"E1 pre-training: {time.time() - t0:.0f} s")
-    model = U.USSR(srf_dictionary=str(dictionary.source), n_classes=13)
-    opts = U.make_optimizers(args.train_steps)
+    model = U.USSR(srf_dictionary=str(dictionary.source), n_classes=13,
+                   prior_lambda=prior_lambda)
+    opts = U.make_optimizers(args.train_steps, lr_gen=args.lr_gen)
     c, b = args.crop, args.batch
 
     def batch_at():
@@ -396,6 +398,27 @@ def stability(size: int = 10, seed: int = 0, workdir: str | None = None) -> str:
     return "\n".join(lines)
 
 
+WEIGHTS = ("adv", "bp", "smooth", "pos", "sem")
+
+
+def weight_overrides(items) -> dict[str, float]:
+    """``["adv=0", "sem=0.5"]`` -> ``{"adv": 0.0, "sem": 0.5}`` (``--weight``), checked."""
+    from jaxspec.errors import UsageError
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in WEIGHTS:
+            raise UsageError(f"--weight {item!r}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join(WEIGHTS)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise UsageError(f"--weight {item!r}: {value!r} is not a number") from None
+        if not np.isfinite(out[name]) or out[name] < 0:
+            raise UsageError(f"--weight {item!r}: the weight must be finite and >= 0")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--test-srf", default=None, help="camera name in the Jiang 2013 database "
@@ -410,9 +433,18 @@ def main(argv=None):
                    "regulariser rows (paper loss forms) instead of the code objective")
     p.add_argument("--d-pixels", action="store_true",
                    help="train with pixel-shuffled discriminator inputs (LossWeights.d_pixels)")
+    p.add_argument("--weight", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a LossWeights weight (adv, bp, smooth, pos, sem) of every "
+                        "trained row, e.g. --weight adv=0 --weight sem=0; repeatable")
+    p.add_argument("--prior", action="store_true",
+                   help="start the generator at the smooth inverse of its estimated SRF "
+                        "(USSR prior_lambda, ours): lambda selected from the HSI stream with the "
+                        "dictionary-mean SRF, as the unpaired baseline row")
     p.add_argument("--figure", default=None, help="PNG of the SRF estimates (first trained row)")
     p.add_argument("--workdir", default=None, help="a train.py --method ussr run to score")
     p.add_argument("--segmenter-steps", type=int, default=200)
+    p.add_argument("--lr-gen", type=float, default=1e-4,
+                   help="Adam learning rate of G + M (the authors': 1e-4)")
     p.add_argument("--crop", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -426,6 +458,9 @@ def main(argv=None):
     from jaxspec.errors import DataNotFoundError, UsageError
     for opt in ("train_steps", "segmenter_steps", "seed"):
         _cli.positive("--" + opt.replace("_", "-"), getattr(args, opt), minimum=0)
+    overrides = weight_overrides(args.weight)
+    if not (np.isfinite(args.lr_gen) and args.lr_gen > 0):
+        raise UsageError(f"--lr-gen must be a positive number, got {args.lr_gen}")
     _cli.positive("--crop", args.crop)
     _cli.positive("--batch", args.batch)
     if args.workdir is not None and not (Path(args.workdir) / "config.json").is_file():
@@ -503,11 +538,20 @@ def main(argv=None):
             add(PAIRED_LS[args.hsi_stream], score(lambda r: B.predict(ls, r), test_cubes,
                                                   test_srf)["per_image"])
         if args.train_steps > 0:
+            prior = U.select_smooth_lambda(spectra, mean_srf) if args.prior else 0.0
             for row, weights in training_rows(args.ablation, args.d_pixels):
+                if args.lr_gen != 1e-4:
+                    row = f"{row} + G lr {args.lr_gen:g}"
+                if overrides:
+                    row = f"{row} + " + ", ".join(f"{k} {v:g}" for k, v in overrides.items())
+                    weights = dataclasses.replace(weights, **overrides)
+                if args.prior:
+                    row = f"{row} + smooth-inverse start"
+                    results.setdefault("prior_lambda", {})[fold_name] = prior
                 log(f"{fold_name}: training {row} ({args.train_steps} iterations, HSI stream "
                     f"{len(hsi_cubes)} cubes)")
                 model, variables, apply = train_ussr(args, dictionary, rgb_stream, hsi_cubes,
-                                                     log, weights)
+                                                     log, weights, prior)
                 trained_models.append((row, fold_name, variables, apply, test_cubes))
     if args.workdir:
         import jax

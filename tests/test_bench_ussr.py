@@ -128,3 +128,15 @@ def test_camera_sweep_pads_chunks_and_scores_every_render(bu):
     assert s["renders"] == 20 and s["cameras"] == 5 and s["top1"] == pytest.approx(0.2)
     assert s["auc"] == pytest.approx(np.mean([float(U.srf_accuracy(curves.mean(0), c)["auc"][0])
                                               for c in curves]))
+
+
+def test_weight_overrides_are_checked(bu, tmp_path):
+    from jaxspec.errors import UsageError
+    assert bu.weight_overrides(["adv=0", "sem=0.5"]) == {"adv": 0.0, "sem": 0.5}
+    for bad, msg in (("adv", "expected NAME=VALUE"), ("gp=1", "expected NAME=VALUE"),
+                     ("adv=x", "not a number"), ("adv=-1", "finite and >= 0"),
+                     ("sem=nan", "finite and >= 0")):
+        with pytest.raises(UsageError, match=msg):
+            bu.weight_overrides([bad])
+    with pytest.raises(UsageError, match="--weight 'adv=-1'"):
+        bu.main(["--weight", "adv=-1", "--out", str(tmp_path / "r.json")])

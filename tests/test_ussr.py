@@ -254,6 +254,46 @@ def test_generator_back_projection_refinement(generator):
     assert np.asarray(acc).min() < 0 < np.asarray(acc).max()     # the LeakyReLU is exercised
 
 
+def test_generator_prior_starts_at_the_smooth_inverse(generator):
+    """prior_lambda > 0 (ours): Y^(0) = smooth_inverse(X, C_o, lambda), stage outputs scaled by
+    gates; the gates initialised at 0 give exactly the smooth inverse, non-zero gates add the
+    authors' stages (checked against the running sum by hand); no gradient reaches C_o through
+    Y^(0), and the stages' parameters get gradients once a gate is non-zero."""
+    _, v, rgb, srf, _ = generator
+    lam = 1e-3
+    g = U.Generator(prior_lambda=lam)
+    init = g.init(jax.random.PRNGKey(0), rgb, srf)["params"]
+    assert {k: float(init[k]) for k in init if k.startswith("gate")} == {
+        f"gate_{t}": 0.0 for t in range(4)}
+    base = U.smooth_inverse(rgb, srf, lam)
+    params = {**v["params"], **{f"gate_{t}": jnp.float32(0.0) for t in range(4)}}
+    hsi, res = g.apply({"params": params}, rgb, srf)
+    np.testing.assert_allclose(np.asarray(hsi), np.asarray(jax.nn.leaky_relu(base, 1e-3)),
+                               rtol=1e-5, atol=1e-6)
+    gates = (0.5, -0.25, 1.0, 2.0)
+    params = {**v["params"], **{f"gate_{t}": jnp.float32(a) for t, a in enumerate(gates)}}
+    hsi, res = g.apply({"params": params}, rgb, srf)
+    acc, inp = base, rgb
+    for t, a in enumerate(gates):
+        mod = U.GeneratorStage(mean_sub=t > 0)
+        acc = acc + a * mod.apply({"params": v["params"][f"stages_{t}"]}, inp)
+        inp = rgb - jnp.einsum("bhwc,bck->bhwk", acc, srf)
+    np.testing.assert_allclose(np.asarray(hsi), np.asarray(jax.nn.leaky_relu(acc, 1e-3)),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(res), np.asarray(inp), rtol=1e-4, atol=1e-5)
+    zero = {**v["params"], **{f"gate_{t}": jnp.float32(0.0) for t in range(4)}}
+    d_srf = jax.grad(lambda s: jnp.sum(g.apply({"params": zero}, rgb, s)[0]))(srf)
+    assert float(jnp.max(jnp.abs(d_srf))) == 0.0
+    d_par = jax.grad(lambda p: jnp.sum(g.apply({"params": p}, rgb, srf)[0] ** 2))(params)
+    assert float(jnp.max(jnp.abs(d_par["stages_0"]["Upconv"]["conv"]["kernel"]))) > 0
+    with pytest.raises(ValueError, match="prior_lambda"):
+        U.Generator(prior_lambda=-1.0).init(jax.random.PRNGKey(0), rgb, srf)
+    # the gates have no counterpart in the authors' code: not exported, kept when loading
+    assert U.authors_name(("hsiG", "gate_0")) is None
+    assert U.authors_name(("hsiG", "stages_0", "Upconv", "conv", "kernel")) == \
+        "hsiG.stages.0.Upconv.conv.weight"
+
+
 def test_generator_is_bias_free_and_positively_homogeneous(generator):
     g, v, rgb, srf, apply = generator
     hsi, res = apply(v, rgb, srf)

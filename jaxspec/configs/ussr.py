@@ -23,7 +23,8 @@ from __future__ import annotations
 from jaxspec.configs.base import CPU_BUILTIN, SMOKE, Config, make_preset
 
 MODEL = dict(bands=31, stages=4, srf_dictionary="auto", n_classes=13, segmenter_width=32,
-             segmenter_blocks=3, sem_clip_scale=2.0, loss="code", loss_overrides={})
+             segmenter_blocks=3, sem_clip_scale=2.0, loss="code", loss_overrides={},
+             prior_lambda=0.0)
 
 OPTIM = dict(lr_gen=1e-4, lr_dis=5e-4, lr_sem=1e-3, sem_momentum=0.9, sem_wd=1e-4,
              sem_poly=0.9)

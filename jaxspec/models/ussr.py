@@ -402,10 +402,18 @@ class Generator(nn.Module):
     code's sign; Eq. 3 has the opposite sign, which a learned stage absorbs).
     ``hsi = LeakyReLU(Y^(T), 0.001)``, ``residual = X - C_o Y^(T)`` (before the LeakyReLU,
     used by the back-projection loss).
+
+    ``prior_lambda > 0`` (ours, not the authors'; default 0 = their reconnet): the recursion
+    starts from the closed-form smooth inverse of the *estimated* SRF,
+    ``Y^(0) = smooth_inverse(X, C_o, prior_lambda)`` (differentiable in ``C_o``), and each
+    stage's output is scaled by a learned scalar ``gate_t`` initialised at 0, so training starts
+    at that classical solution and the stages learn a correction of it (stage 0 still sees X;
+    no gradient flows to ``C_o`` through ``Y^(0)``).
     """
     bands: int = 31
     stages: int = 4
     dw_impl: str = "auto"
+    prior_lambda: float = 0.0
 
     @nn.compact
     def __call__(self, rgb: Array, srf: Array, train: bool = False) -> tuple[Array, Array]:
@@ -414,11 +422,19 @@ class Generator(nn.Module):
         if srf.shape[-2:] != (self.bands, 3):
             raise ValueError(f"Generator(bands={self.bands}) needs an SRF (..., {self.bands}, 3); "
                              f"got {tuple(srf.shape)}")
+        if self.prior_lambda < 0:
+            raise ValueError(f"Generator: prior_lambda must be >= 0, got {self.prior_lambda}")
         x0 = rgb
-        inp, acc, res = x0, None, None
+        inp, res = x0, None
+        # no gradient to C_o through the start: its float32 solve is ill-conditioned at small
+        # lambda, and C_o keeps the authors' signal (back-projection, adversarial)
+        acc = (smooth_inverse(x0, jax.lax.stop_gradient(srf), self.prior_lambda)
+               if self.prior_lambda > 0 else None)
         for t in range(self.stages):
             out = GeneratorStage(self.bands, mean_sub=t > 0, dw_impl=self.dw_impl,
                                  name=f"stages_{t}")(inp, train)
+            if self.prior_lambda > 0:
+                out = out * self.param(f"gate_{t}", nn.initializers.zeros, (), jnp.float32)
             acc = out if acc is None else acc + out
             res = x0 - project_batch(acc, srf)
             inp = res
@@ -624,6 +640,7 @@ class USSR(nn.Module):
     dw_impl: str = "auto"
     loss: str = "code"
     loss_overrides: tuple = ()
+    prior_lambda: float = 0.0
 
     def setup(self):
         d = load_srf_dictionary(self.srf_dictionary)
@@ -631,7 +648,7 @@ class USSR(nn.Module):
             raise ValueError(f"USSR(bands={self.bands}) but the SRF dictionary has "
                              f"{d.curves.shape[1]} samples")
         self._curves = d.curves
-        self.hsiG = Generator(self.bands, self.stages, self.dw_impl)
+        self.hsiG = Generator(self.bands, self.stages, self.dw_impl, self.prior_lambda)
         self.respG = SRFEstimator(d.n_cameras, self.dw_impl)
         self.dishsi = Discriminator(self.dw_impl)
         if self.n_classes > 0:
@@ -990,8 +1007,8 @@ def authors_name(path: Sequence[str], collection: str = "params") -> str | None:
     """The authors' ``state_dict`` key of one of our leaves, e.g.
     ``("hsiG", "stages_1", "denselayers_0", "compressLayer", "conv", "kernel")`` ->
     ``"hsiG.stages.1.denselayers.0.compressLayer.conv.weight"``; ``None`` for parts with no
-    counterpart (E1, which replaces HRNet)."""
-    if path[0] == "E1":
+    counterpart (E1, which replaces HRNet; the generator's ``gate_t`` of ``prior_lambda > 0``)."""
+    if path[0] == "E1" or (path[0] == "hsiG" and path[-1].startswith("gate_")):
         return None
     parts = []
     for p in path[:-1]:
