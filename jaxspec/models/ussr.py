@@ -405,7 +405,7 @@ class Generator(nn.Module):
 
     ``prior_lambda > 0`` (ours, not the authors'; default 0 = their reconnet): the recursion
     starts from the closed-form smooth inverse of the *estimated* SRF,
-    ``Y^(0) = smooth_inverse(X, C_o, prior_lambda)`` (differentiable in ``C_o``), and each
+    ``Y^(0) = smooth_inverse(X, C_o, prior_lambda)``, and each
     stage's output is scaled by a learned scalar ``gate_t`` initialised at 0, so training starts
     at that classical solution and the stages learn a correction of it (stage 0 still sees X;
     no gradient flows to ``C_o`` through ``Y^(0)``).
