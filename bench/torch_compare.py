@@ -351,11 +351,9 @@ def _train_worker(side: str, conn, batch: int, crop: int, threads: int, cpus, de
                 r, h = batch
                 return jnp.mean(jnp.abs(model.apply({"params": p}, r) - h) / h), (None, {})
 
-            if microbatches == 1:
-                (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(params, (rgb, hsi), {})
-            else:       # the engine's config.microbatches: the same update, a scan of parts
-                loss, _, g = accumulate_gradients(jax.value_and_grad(loss_fn, has_aux=True),
-                                                  params, (rgb, hsi), {}, microbatches)
+            # the engine's config.microbatches (1: value_and_grad on the whole batch)
+            loss, _, g = accumulate_gradients(jax.value_and_grad(loss_fn, has_aux=True),
+                                              params, (rgb, hsi), {}, microbatches)
             upd, opt = tx.update(g, opt, params)
             return (optax.apply_updates(params, upd), opt), loss
 

@@ -420,6 +420,7 @@ def weight_overrides(items) -> dict[str, float]:
 
 
 def main(argv=None):
+    from jaxspec.configs.ussr import OPTIM
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--test-srf", default=None, help="camera name in the Jiang 2013 database "
                    "(default Nikon D700) or a built-in SRF name")
@@ -443,8 +444,8 @@ def main(argv=None):
     p.add_argument("--figure", default=None, help="PNG of the SRF estimates (first trained row)")
     p.add_argument("--workdir", default=None, help="a train.py --method ussr run to score")
     p.add_argument("--segmenter-steps", type=int, default=200)
-    p.add_argument("--lr-gen", type=float, default=1e-4,
-                   help="Adam learning rate of G + M (the authors': 1e-4)")
+    p.add_argument("--lr-gen", type=float, default=OPTIM["lr_gen"],
+                   help=f"Adam learning rate of G + M (the authors': {OPTIM['lr_gen']:g})")
     p.add_argument("--crop", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -539,15 +540,16 @@ def main(argv=None):
                                                   test_srf)["per_image"])
         if args.train_steps > 0:
             prior = U.select_smooth_lambda(spectra, mean_srf) if args.prior else 0.0
+            if args.prior:
+                results.setdefault("prior_lambda", {})[fold_name] = prior
             for row, weights in training_rows(args.ablation, args.d_pixels):
-                if args.lr_gen != 1e-4:
+                if args.lr_gen != OPTIM["lr_gen"]:
                     row = f"{row} + G lr {args.lr_gen:g}"
                 if overrides:
                     row = f"{row} + " + ", ".join(f"{k} {v:g}" for k, v in overrides.items())
                     weights = dataclasses.replace(weights, **overrides)
                 if args.prior:
                     row = f"{row} + smooth-inverse start"
-                    results.setdefault("prior_lambda", {})[fold_name] = prior
                 log(f"{fold_name}: training {row} ({args.train_steps} iterations, HSI stream "
                     f"{len(hsi_cubes)} cubes)")
                 model, variables, apply = train_ussr(args, dictionary, rgb_stream, hsi_cubes,

@@ -185,20 +185,25 @@ def accumulate_gradients(grad_fn, params, batch, rngs, n: int):
     the other in a ``lax.scan`` (only one micro-batch's activations are alive at a time).
     The mean of the micro-batch means is the batch mean, so for a mean-reduced loss the
     gradient is the whole batch's (to float32 rounding); micro-batch k draws its random
-    numbers from ``fold_in(key, k)``."""
+    numbers from ``fold_in(key, k)``. ``n == 1`` is ``grad_fn`` on the whole batch (no scan,
+    the keys as given)."""
+    if n == 1:
+        (loss, (_, aux)), g = grad_fn(params, batch, rngs)
+        return loss, aux, g
+
     def body(acc, xs):
         k, mb = xs
         keys = {name: jax.random.fold_in(key, k) for name, key in rngs.items()}
         (loss, (_, aux)), g = grad_fn(params, mb, keys)
         return jax.tree_util.tree_map(jnp.add, acc, (loss, aux, g)), None
 
-    first = jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(
-        lambda x: x[0], split_microbatches(batch, n)), rngs))
-    (_, (_, aux_shape)), _ = first
+    parts = split_microbatches(batch, n)
+    (_, (_, aux_shape)), _ = jax.eval_shape(
+        lambda: grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], parts), rngs))
     zero = jax.tree_util.tree_map(
         lambda s: jnp.zeros(s.shape, s.dtype),
         (jax.ShapeDtypeStruct((), jnp.float32), aux_shape, params))
-    total, _ = jax.lax.scan(body, zero, (jnp.arange(n), split_microbatches(batch, n)))
+    total, _ = jax.lax.scan(body, zero, (jnp.arange(n), parts))
     return jax.tree_util.tree_map(lambda x: x / n, total)
 
 
