@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -191,7 +192,11 @@ def test_sigkill_of_one_process_stops_the_other_and_restart_resumes(env):
     rc, _, err = _wait([procs[0]], timeout=120)[0]
     procs[1].wait()
     assert rc != 0
-    assert "process 1 of this 2-process job stopped responding" in err, err[-2000:]
+    # Our watchdog's line, or -- when both cores are busy and the coordination service's own
+    # heartbeat check fires first -- JAX's report of the lost task; either way it stops.
+    assert ("process 1 of this 2-process job stopped responding" in err
+            or re.search(r"task:?\s*1\b|detected fatal errors|stopped sending heartbeats",
+                         err)), err[-2000:]
     assert time.monotonic() - t_kill < 60
     saved = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
     s = _run(env, w, 2, 2, "--steps", str(saved + 5), "--set", "ckpt_every=5",
