@@ -170,6 +170,22 @@ PAIRED_LS = {"spectral_scenes": "least squares (paired, spectral_scenes)",
              "cave": "least squares (paired, the other CAVE fold)"}
 
 
+SYNTHETIC_LS = "least squares (HSI stream through random dictionary cameras)"
+
+
+def synthetic_pairs(hsi_cubes, curves, per_cube: int = 4, seed: int = 0):
+    """``[(rgb, hsi)]``: every HSI-stream cube rendered through ``per_cube`` cameras drawn as
+    the ``syn`` term of USSR draws them (``random_dictionary_srf``: a random mix of two
+    dictionary cameras). Unpaired: no cube of the test scenes or camera is involved."""
+    import jax
+
+    from jaxspec.models import ussr as U
+    srfs = np.asarray(U.random_dictionary_srf(jax.random.PRNGKey(seed), curves,
+                                              per_cube * len(hsi_cubes)))
+    return [(h @ srfs[per_cube * i + k], h) for i, h in enumerate(hsi_cubes)
+            for k in range(per_cube)]
+
+
 def unpaired_folds(stream: str, cubes, ss_hsi, fold: int | None):
     """``[(name, HSI-stream cubes, test [(scene, cube)])]``: ``spectral_scenes`` = one fold
     testing on every CAVE scene; ``cave`` = the sorted scenes in two halves, each the HSI
@@ -398,7 +414,7 @@ def stability(size: int = 10, seed: int = 0, workdir: str | None = None) -> str:
     return "\n".join(lines)
 
 
-WEIGHTS = ("adv", "bp", "smooth", "pos", "sem")
+WEIGHTS = ("adv", "bp", "smooth", "pos", "sem", "syn", "syn_srf")
 
 
 def weight_overrides(items) -> dict[str, float]:
@@ -538,6 +554,11 @@ def main(argv=None):
             ls = B.fit_linear(x, y)
             add(PAIRED_LS[args.hsi_stream], score(lambda r: B.predict(ls, r), test_cubes,
                                                   test_srf)["per_image"])
+            x, y = B.sample_pixels(synthetic_pairs(hsi_cubes, dictionary.curves), 200_000,
+                                   seed=0)
+            ls_syn = B.fit_linear(x, y)
+            add(SYNTHETIC_LS, score(lambda r: B.predict(ls_syn, r), test_cubes,
+                                    test_srf)["per_image"])
         if args.train_steps > 0:
             prior = U.select_smooth_lambda(spectra, mean_srf) if args.prior else 0.0
             if args.prior:

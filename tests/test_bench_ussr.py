@@ -140,3 +140,20 @@ def test_weight_overrides_are_checked(bu, tmp_path):
             bu.weight_overrides([bad])
     with pytest.raises(UsageError, match="--weight 'adv=-1'"):
         bu.main(["--weight", "adv=-1", "--out", str(tmp_path / "r.json")])
+
+
+def test_synthetic_pairs_render_the_stream_through_dictionary_mixes(bu):
+    """The unpaired least-squares baseline's pairs: every HSI-stream cube through ``per_cube``
+    cameras drawn like USSR's ``syn`` term (mixes of two dictionary cameras)."""
+    from jaxspec.models import ussr as U
+    curves = np.asarray(U.load_srf_dictionary("builtin").curves)
+    cubes = [c for _, c in _cubes(3)]
+    pairs = bu.synthetic_pairs(cubes, curves, per_cube=2, seed=1)
+    assert len(pairs) == 6
+    for i, (rgb, hsi) in enumerate(pairs):
+        assert hsi is cubes[i // 2] and rgb.shape == (32, 32, 3)
+        srf = np.linalg.lstsq(hsi.reshape(-1, 31), rgb.reshape(-1, 3), rcond=None)[0]
+        np.testing.assert_allclose(srf.sum(axis=0), 1.0, rtol=1e-3)     # a column-sum-1 SRF
+    assert not np.allclose(pairs[0][0], pairs[1][0])                    # two cameras per cube
+    again = bu.synthetic_pairs(cubes, curves, per_cube=2, seed=1)
+    np.testing.assert_array_equal(again[3][0], pairs[3][0])

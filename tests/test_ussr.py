@@ -780,3 +780,60 @@ def test_predict_reports_the_estimated_camera(tmp_path, capsys):
     assert est["per_channel"] == {c: names[int(np.argmax(p[:, k]))] for k, c in enumerate("RGB")}
     assert np.asarray(est["srf"]).shape == (31, 3)
     np.testing.assert_allclose(np.asarray(est["srf"]).sum(0), est["amplitude"], atol=1e-4)
+
+
+def test_random_dictionary_srf_mixes_two_cameras():
+    curves = np.asarray(U.load_srf_dictionary("builtin").curves)
+    srf = np.asarray(U.random_dictionary_srf(jax.random.PRNGKey(0), curves, 64))
+    assert srf.shape == (64,) + curves.shape[1:]
+    np.testing.assert_allclose(srf.sum(axis=1), 1.0, rtol=1e-5)          # columns still sum to 1
+    # each is t C_j + (1 - t) C_k for some pair: the residual of the best pair fit is ~0
+    for s in srf[:8]:
+        best = min(np.abs(s - (t * curves[j] + (1 - t) * curves[k])).max()
+                   for j in range(len(curves)) for k in range(len(curves))
+                   for t in [float(np.clip(np.sum((s - curves[k]) * (curves[j] - curves[k]))
+                                           / max(np.sum((curves[j] - curves[k]) ** 2), 1e-12),
+                                           0, 1))])
+        assert best < 1e-6
+    again = np.asarray(U.random_dictionary_srf(jax.random.PRNGKey(0), curves, 64))
+    np.testing.assert_array_equal(again, srf)
+
+
+def test_synthetic_pair_terms_train_the_generator_and_the_srf_estimator():
+    """``LossWeights(syn, syn_srf)``: the HSI-stream cubes rendered through random dictionary
+    cameras; ``syn`` = mean |G(X_s) - Y_r|, ``syn_srf`` = relative squared error of M's SRF.
+    ``syn`` reaches G (and M through G's back-projection), ``syn_srf`` only M; 0 = absent."""
+    import optax
+    model = U.USSR(srf_dictionary="builtin", n_classes=0, dw_impl="lax")
+    rng = np.random.default_rng(0)
+    batch = {"rgb": smooth_rgb(2, 16, 16),
+             "hsi_real": jnp.asarray(rng.random((2, 16, 16, 31)), jnp.float32)}
+    variables = random_variables(model, batch["rgb"], batch["hsi_real"],
+                                 method=U.USSR.init_all, scale=0.05)
+    rngs = {"gp": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}
+    only = dict(adv=0.0, bp=0.0, smooth=0.0, sem=0.0)
+
+    def grads(**w):
+        loss = U.make_phase_losses(U.LossWeights(**{**only, **w}), semantic=False)["gen"]
+        f = lambda p: loss(model.apply, {**variables, "params": p}, batch, rngs)  # noqa: E731
+        (val, aux), g = jax.value_and_grad(f, has_aux=True)(variables["params"])
+        norm = {k: float(optax.global_norm(g[k])) for k in ("hsiG", "respG", "dishsi")}
+        return float(val), aux, norm
+
+    val, aux, g = grads(syn=1.0)
+    x_s, srf_s = model.apply(variables, batch["hsi_real"], jax.random.fold_in(rngs["gp"], 4),
+                             method=U.USSR.render_random_cameras)
+    np.testing.assert_allclose(np.asarray(x_s), np.einsum("bhwc,bck->bhwk", batch["hsi_real"],
+                                                          srf_s), rtol=1e-5)
+    out = model.apply(variables, x_s, True, method=U.USSR.reconstruct)
+    np.testing.assert_allclose(float(aux["syn"]), float(jnp.mean(jnp.abs(
+        out["hsi"] - batch["hsi_real"]))), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["syn_srf"]), float(
+        jnp.sum((out["srf"] - srf_s) ** 2) / jnp.sum(srf_s ** 2)), rtol=1e-5)
+    np.testing.assert_allclose(val, float(aux["syn"]), rtol=1e-6)
+    assert g["hsiG"] > 0 and g["respG"] > 0 and g["dishsi"] == 0
+    val, aux, g = grads(syn_srf=1.0)
+    np.testing.assert_allclose(val, float(aux["syn_srf"]), rtol=1e-6)
+    assert g["hsiG"] == 0 and g["respG"] > 0
+    _, aux, _ = grads(adv=0.0)
+    assert "syn" not in aux and "syn_srf" not in aux

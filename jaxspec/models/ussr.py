@@ -64,6 +64,7 @@ __all__ = [
     "adaptive_pool", "resize_nearest", "resize_bilinear", "l1_gradient_clip",
     "l1_gradient_clip_reference", "BCR", "DenseLayer", "GeneratorStage", "Generator",
     "SRFEstimator", "Discriminator", "SemanticHead", "RGBSegmenter", "USSR",
+    "random_dictionary_srf",
     "LossWeights", "discriminator_input", "shuffle_pixels", "bce_with_logits",
     "back_projection_loss", "smoothness_loss", "positivity_loss", "semantic_cross_entropy",
     "gradient_penalty", "generator_loss", "discriminator_loss", "min_norm_inverse",
@@ -165,6 +166,17 @@ def combine_srf(w: Array, curves: Array) -> Array:
     srf = jnp.einsum("bjk,jck->bck", weights, curves.astype(w.dtype),
                      precision=jax.lax.Precision.HIGHEST)
     return srf * amp[:, None, :]
+
+
+def random_dictionary_srf(key: Array, curves: Array, b: int) -> Array:
+    """(b, C, 3) SRFs, each ``t C_j + (1 - t) C_k`` for two random dictionary cameras j, k and
+    t ~ U(0, 1) (a camera of the dictionary's convex hull; columns still sum to 1)."""
+    curves = jnp.asarray(curves, jnp.float32)
+    kj, kk, kt = jax.random.split(key, 3)
+    j = jax.random.randint(kj, (b,), 0, curves.shape[0])
+    k = jax.random.randint(kk, (b,), 0, curves.shape[0])
+    t = jax.random.uniform(kt, (b, 1, 1))
+    return t * curves[j] + (1.0 - t) * curves[k]
 
 
 def project_batch(hsi: Array, srf: Array) -> Array:
@@ -664,6 +676,12 @@ class USSR(nn.Module):
         hsi, res = self.hsiG(rgb, srf, train)
         return {"hsi": hsi, "residual": res, "srf": srf, "weights": w}
 
+    def render_random_cameras(self, hsi: Array, key: Array) -> tuple[Array, Array]:
+        """``(rgb, srf)``: each cube of ``hsi`` (B, H, W, bands) rendered through its own
+        :func:`random_dictionary_srf` camera (the ``syn`` terms of :class:`LossWeights`)."""
+        srf = random_dictionary_srf(key, self._curves, hsi.shape[0])
+        return project_batch(hsi, srf), srf
+
     def estimate_srf_weights(self, rgb: Array) -> Array:
         """SPFNet's raw weights W (B, N, 3) on ``rgb`` (inference mode)."""
         return self.respG(layers.as_floating(rgb), False)
@@ -726,6 +744,14 @@ class LossWeights:
     penalty's interpolates -- has its pixels shuffled across the batch (one fresh permutation
     per step, after the per-image mean normalisation), so D judges spectra only and cannot
     separate the two streams by their spatial structure (see :func:`shuffle_pixels`).
+
+    ``syn`` / ``syn_srf`` (ours, 0 = the authors' objective): synthetic pairs made from the
+    *unpaired* HSI stream. Each real cube ``Y_r`` of the batch is rendered through a random
+    camera of the SRF dictionary (:func:`random_dictionary_srf`: a random mix of two of its
+    cameras), ``X_s = C_s Y_r``, and G + M are asked to recover it: ``syn`` weighs
+    ``mean|G(X_s) - Y_r|`` (G sees M's estimate of ``C_s``, as on photos), ``syn_srf`` the
+    relative squared error of M's estimate, ``||C_o(X_s) - C_s||^2 / ||C_s||^2``. No RGB/HSI
+    pair of the target camera or scene is used: only the HSI stream and the dictionary.
     """
     adv: float = 1.0
     bp: float = 100.0
@@ -738,6 +764,8 @@ class LossWeights:
     gp: str = "none"                   # "none" | "one" (1-GP) | "zero" (0-GP)
     gp_weight: float = 10.0
     d_pixels: bool = False
+    syn: float = 0.0
+    syn_srf: float = 0.0
 
     def __post_init__(self):
         if self.smooth_kind not in ("squared", "l1"):
@@ -1261,6 +1289,15 @@ def make_phase_losses(weights: LossWeights | None = None, *, rgb_key: Any = "rgb
             upd = {"batch_stats": {**upd["batch_stats"], **upd2["batch_stats"]}}
             labels = _get(batch, label_key)
         loss, terms = generator_loss(logits, out["residual"], hsi, w, sem_logits, labels)
+        if w.syn or w.syn_srf:
+            real = _get(batch, hsi_key)
+            x_s, srf_s = apply_fn(variables, real, jax.random.fold_in(rngs["gp"], 4),
+                                  method=USSR.render_random_cameras)
+            syn = reconstruct(apply_fn, variables, x_s)
+            terms["syn"] = jnp.mean(jnp.abs(syn["hsi"] - real))
+            terms["syn_srf"] = (jnp.sum(jnp.square(syn["srf"] - srf_s))
+                                / jnp.sum(jnp.square(srf_s)))
+            loss = loss + w.syn * terms["syn"] + w.syn_srf * terms["syn_srf"]
         return loss, {**terms, "model_state": upd}
 
     def sem_loss(apply_fn, variables, batch, rngs):
