@@ -457,6 +457,8 @@ def main(argv=None):
                    help="start the generator at the smooth inverse of its estimated SRF "
                         "(USSR prior_lambda, ours): lambda selected from the HSI stream with the "
                         "dictionary-mean SRF, as the unpaired baseline row")
+    p.add_argument("--syn-squared", action="store_true",
+                   help="the synthetic-pair term (--weight syn=...) on squared errors, not L1")
     p.add_argument("--figure", default=None, help="PNG of the SRF estimates (first trained row)")
     p.add_argument("--workdir", default=None, help="a train.py --method ussr run to score")
     p.add_argument("--segmenter-steps", type=int, default=200)
@@ -566,6 +568,9 @@ def main(argv=None):
             for row, weights in training_rows(args.ablation, args.d_pixels):
                 if args.lr_gen != OPTIM["lr_gen"]:
                     row = f"{row} + G lr {args.lr_gen:g}"
+                if args.syn_squared:
+                    weights = dataclasses.replace(weights, syn_kind="squared")
+                    row = f"{row} + squared syn"
                 if overrides:
                     row = f"{row} + " + ", ".join(f"{k} {v:g}" for k, v in overrides.items())
                     weights = dataclasses.replace(weights, **overrides)

@@ -133,6 +133,7 @@ def test_camera_sweep_pads_chunks_and_scores_every_render(bu):
 def test_weight_overrides_are_checked(bu, tmp_path):
     from jaxspec.errors import UsageError
     assert bu.weight_overrides(["adv=0", "sem=0.5"]) == {"adv": 0.0, "sem": 0.5}
+    assert bu.weight_overrides(["syn=10", "syn_srf=1"]) == {"syn": 10.0, "syn_srf": 1.0}
     for bad, msg in (("adv", "expected NAME=VALUE"), ("gp=1", "expected NAME=VALUE"),
                      ("adv=x", "not a number"), ("adv=-1", "finite and >= 0"),
                      ("sem=nan", "finite and >= 0")):

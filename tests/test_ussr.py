@@ -835,5 +835,13 @@ def test_synthetic_pair_terms_train_the_generator_and_the_srf_estimator():
     val, aux, g = grads(syn_srf=1.0)
     np.testing.assert_allclose(val, float(aux["syn_srf"]), rtol=1e-6)
     assert g["hsiG"] == 0 and g["respG"] > 0
-    _, aux, _ = grads(adv=0.0)
+    loss = U.make_phase_losses(U.LossWeights(**only, syn=2.0, syn_kind="squared"),
+                               semantic=False)["gen"]
+    val, aux = loss(model.apply, variables, batch, rngs)
+    want = float(jnp.mean((out["hsi"] - batch["hsi_real"]) ** 2))
+    np.testing.assert_allclose([float(aux["syn"]), float(val)], [want, 2 * want], rtol=1e-5)
+    loss = U.make_phase_losses(U.LossWeights(**only), semantic=False)["gen"]
+    _, aux = loss(model.apply, variables, batch, rngs)
     assert "syn" not in aux and "syn_srf" not in aux
+    with pytest.raises(ValueError, match="syn_kind"):
+        U.LossWeights(syn_kind="l2")

@@ -749,9 +749,10 @@ class LossWeights:
     *unpaired* HSI stream. Each real cube ``Y_r`` of the batch is rendered through a random
     camera of the SRF dictionary (:func:`random_dictionary_srf`: a random mix of two of its
     cameras), ``X_s = C_s Y_r``, and G + M are asked to recover it: ``syn`` weighs
-    ``mean|G(X_s) - Y_r|`` (G sees M's estimate of ``C_s``, as on photos), ``syn_srf`` the
-    relative squared error of M's estimate, ``||C_o(X_s) - C_s||^2 / ||C_s||^2``. No RGB/HSI
-    pair of the target camera or scene is used: only the HSI stream and the dictionary.
+    ``mean|G(X_s) - Y_r|`` (``syn_kind="squared"``: the mean squared error; G sees M's
+    estimate of ``C_s``, as on photos), ``syn_srf`` the relative squared error of M's
+    estimate, ``||C_o(X_s) - C_s||^2 / ||C_s||^2``. No RGB/HSI pair of the target camera or
+    scene is used: only the HSI stream and the dictionary.
     """
     adv: float = 1.0
     bp: float = 100.0
@@ -766,12 +767,15 @@ class LossWeights:
     d_pixels: bool = False
     syn: float = 0.0
     syn_srf: float = 0.0
+    syn_kind: str = "l1"               # "l1": mean |G(X_s) - Y_r| | "squared": mean (.)^2
 
     def __post_init__(self):
         if self.smooth_kind not in ("squared", "l1"):
             raise ValueError(f"smooth_kind must be 'squared' or 'l1', got {self.smooth_kind!r}")
         if self.pos_kind not in ("code", "paper"):
             raise ValueError(f"pos_kind must be 'code' or 'paper', got {self.pos_kind!r}")
+        if self.syn_kind not in ("l1", "squared"):
+            raise ValueError(f"syn_kind must be 'l1' or 'squared', got {self.syn_kind!r}")
         if self.gp not in ("none", "one", "zero"):
             raise ValueError(f"gp must be 'none', 'one' or 'zero', got {self.gp!r}")
 
@@ -1294,7 +1298,8 @@ def make_phase_losses(weights: LossWeights | None = None, *, rgb_key: Any = "rgb
             x_s, srf_s = apply_fn(variables, real, jax.random.fold_in(rngs["gp"], 4),
                                   method=USSR.render_random_cameras)
             syn = reconstruct(apply_fn, variables, x_s)
-            terms["syn"] = jnp.mean(jnp.abs(syn["hsi"] - real))
+            err = syn["hsi"] - real
+            terms["syn"] = jnp.mean(jnp.abs(err) if w.syn_kind == "l1" else jnp.square(err))
             terms["syn_srf"] = (jnp.sum(jnp.square(syn["srf"] - srf_s))
                                 / jnp.sum(jnp.square(srf_s)))
             loss = loss + w.syn * terms["syn"] + w.syn_srf * terms["syn_srf"]
