@@ -482,6 +482,9 @@ def main(argv=None):
         raise UsageError(f"--lr-gen must be a positive number, got {args.lr_gen}")
     _cli.positive("--crop", args.crop)
     _cli.positive("--batch", args.batch)
+    if args.syn_squared and not overrides.get("syn"):
+        raise UsageError("--syn-squared changes the synthetic-pair term: give it a weight with "
+                         "--weight syn=VALUE")
     if args.workdir is not None and not (Path(args.workdir) / "config.json").is_file():
         raise UsageError(f"--workdir {args.workdir}: not a training workdir (no config.json)")
     if args.stability:

@@ -141,6 +141,8 @@ def test_weight_overrides_are_checked(bu, tmp_path):
             bu.weight_overrides([bad])
     with pytest.raises(UsageError, match="--weight 'adv=-1'"):
         bu.main(["--weight", "adv=-1", "--out", str(tmp_path / "r.json")])
+    with pytest.raises(UsageError, match="--syn-squared"):
+        bu.main(["--syn-squared", "--out", str(tmp_path / "r.json")])
 
 
 def test_synthetic_pairs_render_the_stream_through_dictionary_mixes(bu):

@@ -3,7 +3,8 @@ regularisers. The architecture (``MODEL``) is the same in every preset.
 
 * ``model.loss``: "code" (default; the authors' code weights) or "paper" (Eq. 8-13), plus
   ``model.loss_overrides`` ({field of jaxspec.models.ussr.LossWeights: value}, e.g. an ablation
-  row); the phase losses read them from the model (``USSR.loss_weights``);
+  row, or ``{'syn': 10, 'syn_srf': 1}`` for the synthetic pairs of docs/methods/ussr.md
+  deviation 9); the phase losses read them from the model (``USSR.loss_weights``);
 * ``streams``: the RGB (+ material label) stream reads ``train[:50%]``, the HSI stream
   ``train[50%:]`` of the dataset -- different scenes, so no RGB image has its own cube among the
   real cubes; the engine's batch is ``{"rgb": {"rgb", "label"}, "hsi": {"hsi"}}``;

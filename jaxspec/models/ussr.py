@@ -1241,6 +1241,8 @@ def make_phase_losses(weights: LossWeights | None = None, *, rgb_key: Any = "rgb
       mode (batch statistics) as in the code; the semantic term uses the material labels
       (B, H, W), E1 in inference mode. Its gradient trains G + M (and E2 + SE, whose parameters
       the ``"sem"`` optimiser group of :func:`make_optimizers` updates in the same step).
+      With ``weights.syn`` / ``syn_srf`` > 0 it adds the synthetic-pair terms on the batch's
+      real cubes (``hsi_key``; :class:`LossWeights`).
     * ``"sem"``: the semantic cross-entropy alone on the (stopped) generator output, E1 and
       E2 + SE in training mode: for step drivers that give each phase one optimiser (the
       engine's ``phases``), where E1 + E2 + SE are then trained after the G update.
