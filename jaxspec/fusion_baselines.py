@@ -219,12 +219,18 @@ def _centred(x):
 
 
 def _lstsq(a, b, ridge: float = 1e-6):
-    """Least squares ``argmin |a x - b|^2 + ridge tr(a^T a)/n |x|^2`` by the normal equations
-    (a tiny relative ridge: all-zero columns get weight 0, rank-deficient designs the
-    near-minimum-norm solution)."""
-    ata = jnp.dot(a.T, a, precision=_HI)
-    lam = ridge * jnp.trace(ata) / ata.shape[0] + _EPS
-    return jnp.linalg.solve(ata + lam * jnp.eye(ata.shape[0]), jnp.dot(a.T, b, precision=_HI))
+    """Least squares ``argmin |a x - b|^2 + lam |x|^2`` with ``lam = ridge tr(a^T a) / n`` (a
+    tiny ridge relative to the design's scale: all-zero columns get weight 0, rank-deficient
+    designs the near-minimum-norm solution). Solved by QR of the ridge-augmented design
+    ``[a; sqrt(lam) I]``, so the float32 error follows the design's condition number, not its
+    square as with the normal equations (GSA's design -- 31 correlated bands -- has a condition
+    number of ~1e4, whose square is beyond float32)."""
+    n = a.shape[1]
+    lam = ridge * jnp.sum(a * a) / n + _EPS
+    aug = jnp.concatenate([a, jnp.sqrt(lam) * jnp.eye(n, dtype=a.dtype)], 0)
+    rhs = jnp.concatenate([b, jnp.zeros((n,) + b.shape[1:], b.dtype)], 0)
+    q, r = jnp.linalg.qr(aug)
+    return jax.scipy.linalg.solve_triangular(r, jnp.dot(q.T, rhs, precision=_HI), lower=False)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
