@@ -21,15 +21,19 @@ whose loaders and baselines are reused here):
    only, fresh Adam, the code's lr schedule; metrics of the mean prediction at fine-tune
    iterations 0, 200 (the authors' reported row) and 500.
 3. The baselines (bench/fusion.py; ``lr_regression`` = the affine MSI -> HSI map fitted on the
-   image's own LR pairs, DAEM's classical per-pixel counterpart) fuse the same pairs three
+   image's own LR pairs, DAEM's classical per-pixel counterpart) fuse the same pairs four
    ways: knowing the true PSF (and, CNMF, the true SRF) -- the oracle rows; blind, with the
-   s x s box PSF; and with DAEM's estimated PSF (a hybrid: DAEM's degradation estimate,
-   classical fusion). ``--back-projection N`` (default 5) adds rows for DAEM and for
-   ``lr_regression`` followed by N iterations of ``fusion_baselines.back_project`` with the
-   PSF that method used (ours, not the paper's: the per-pixel maps made consistent with the
-   LR-HSI; 0 = no such rows; a back-projected DAEM row shows the fine-tuning's seconds, the
-   step's own ~0.1 s not added). PSNR is reported twice: ours (one MSE, peak 1, clamped) and the
-   authors' band-wise PSNR (``metrics.psnr_bands``).
+   s x s box PSF; blind, with the PSF (and, CNMF, the SRF) estimated on each image by least
+   squares (``fusion_baselines.estimate_psf`` / ``estimate_srf``, HySure's first stage with a
+   Gaussian PSF: the "LS-estimated" rows); and with DAEM's estimated PSF (a hybrid: DAEM's
+   degradation estimate, classical fusion). ``--theta-steps N`` also evaluates DAEM with its
+   theta re-estimated on each test pair first (``daem.reestimate_theta``, N Adam steps on the
+   consistency term; ours, for image-wise PSFs). ``--back-projection N`` (default 5) adds
+   rows for DAEM and for ``lr_regression`` followed by N iterations of
+   ``fusion_baselines.back_project`` with the PSF that method used (ours, not the paper's: the
+   per-pixel maps made consistent with the LR-HSI; 0 = no such rows; a back-projected DAEM row
+   shows the fine-tuning's seconds, the step's own ~0.1 s not added). PSNR is reported twice:
+   ours (one MSE, peak 1, clamped) and the authors' band-wise PSNR (``metrics.psnr_bands``).
 
 Metrics (``jaxspec.metrics.evaluate_all``, ERGAS with the scale) are on [0, 1] data.
 The estimated PSF and SRF are compared with the true ones (``kernel_error``, ``srf_error``)
@@ -91,6 +95,11 @@ def parse_args(argv=None):
     p.add_argument("--finetune-lr", type=float, default=1e-3,
                    help="fine-tuning Adam lr (the code runs 1e-3; setting.json's unused test "
                         "lr is 5e-3)")
+    p.add_argument("--theta-steps", type=int, default=0,
+                   help="also evaluate DAEM with theta re-estimated on each test pair first "
+                        "(daem.reestimate_theta: Adam on the consistency term; ours; 0 = only "
+                        "the code's fixed theta)")
+    p.add_argument("--theta-lr", type=float, default=0.1)
     p.add_argument("--back-projection", type=int, default=5,
                    help="iterations of back-projection for the '+ back-projection' rows of DAEM "
                         "and lr_regression (0: no such rows)")
@@ -187,15 +196,17 @@ def score(pred, z, s):
 
 
 BP = " + back-projection"
+RE_EST = " re-estimated per image"       # --theta-steps: theta re-estimated on each test pair
 
 
 def back_projected(pred, lr, s, kernel, args):
     return fusion_baselines.back_project(pred, lr, s, kernel, iters=args.back_projection)
 
 
-def evaluate_daem(model, params, pairs, args, variant, record):
+def evaluate_daem(model, params, pairs, args, variant, record, theta_steps=0):
     """{row suffix: scores}: ``"fine-tune t"`` for every t of ``record`` and, with
-    ``--back-projection``, ``"fine-tune t + back-projection"`` (the PSF of the variant)."""
+    ``--back-projection``, ``"fine-tune t + back-projection"`` (the PSF of the variant, or the
+    one re-estimated on the image when ``theta_steps`` > 0)."""
     rows = [f"fine-tune {r}" for r in record]
     if args.back_projection:
         rows += [f"fine-tune {r}{BP}" for r in record]
@@ -204,15 +215,16 @@ def evaluate_daem(model, params, pairs, args, variant, record):
     key = jax.random.PRNGKey(args.seed + 1)
     for i, (name, z, lr, msi, psf) in enumerate(pairs):
         kernel = psf if variant == "true" else None
+        theta = {"theta_steps": theta_steps, "theta_lr": args.theta_lr}
         if i == 0:                                             # compile outside the timing
             D.finetune(model, params, lr, msi, key, record_at=record, kernel=kernel,
-                       lr=args.finetune_lr)
+                       lr=args.finetune_lr, **theta)
         t = time.perf_counter()
-        preds, _ = D.finetune(model, params, lr, msi, jax.random.fold_in(key, i),
-                              record_at=record, kernel=kernel, lr=args.finetune_lr)
+        preds, tuned = D.finetune(model, params, lr, msi, jax.random.fold_in(key, i),
+                                  record_at=record, kernel=kernel, lr=args.finetune_lr, **theta)
         jax.block_until_ready(preds)
         secs.append(time.perf_counter() - t)
-        k_used = psf if variant == "true" else model.apply({"params": params},
+        k_used = psf if variant == "true" else model.apply({"params": tuned},
                                                            method=D.DAEM.psf)
         for r, pred in preds.items():
             scored = {f"fine-tune {r}": pred}
@@ -224,31 +236,49 @@ def evaluate_daem(model, params, pairs, args, variant, record):
     return out, secs
 
 
+LS_PSF = "LS-estimated PSF"
+
+
 def _label(method: str, psf: str) -> str:
     """Row label: ``"cnmf (box PSF, true SRF)"``, ``"lr_regression (true PSF) + back-projection"``
-    (GSA and lr_regression use no SRF)."""
+    (GSA and lr_regression use no SRF); with the least-squares estimates CNMF also gets the
+    estimated SRF: ``"cnmf (LS-estimated PSF and SRF)"``."""
     base, bp = (method[:-len(BP)], BP) if method.endswith(BP) else (method, "")
-    return f"{base} ({psf}{', true SRF' if base == 'cnmf' else ''}){bp}"
+    if base == "cnmf":
+        psf = f"{psf} and SRF" if psf == LS_PSF else f"{psf}, true SRF"
+    return f"{base} ({psf}){bp}"
 
 
 def evaluate_baselines(pairs, methods, srf, s, args, psf=None):
-    """{method: (scores, seconds)}; ``psf`` None: each image's true PSF (the oracle rows),
-    else this (s, s) kernel for every image (the box for the blind rows, DAEM's estimate).
-    With ``--back-projection``, ``lr_regression`` also gives ``"lr_regression + back-projection"``
-    (the same PSF in both steps)."""
+    """{method: (scores, seconds)}; ``psf`` None: each image's true PSF (the oracle rows);
+    ``"ls"``: each image's blind least-squares estimates (``fusion_baselines.estimate_psf`` and,
+    for CNMF, ``estimate_srf``; their time is counted); else this (s, s) kernel for every image
+    (the box for the blind rows, DAEM's estimate). With ``--back-projection``, ``lr_regression``
+    also gives ``"lr_regression + back-projection"`` (the same PSF in both steps)."""
     res = {}
+    estimates = {}
     for m in methods:
         bp = m == "lr_regression" and args.back_projection
         r = {k: [] for k in METRICS}
         rb = {k: [] for k in METRICS}
         secs, secs_b = [], []
         for i, (name, z, lr, msi, true_psf) in enumerate(pairs):
-            psf_np = np.asarray(true_psf if psf is None else psf)
-            if i == 0:
-                fusion_bench.run_method(m, lr, msi, s, srf, psf_np, args).block_until_ready()
+            if isinstance(psf, str) and i == 0 and not estimates:     # compile outside the timing
+                fusion_baselines.estimate_psf(lr, msi, s).block_until_ready()
             t = time.perf_counter()
-            pred = fusion_bench.run_method(m, lr, msi, s, srf, psf_np, args).block_until_ready()
-            secs.append(time.perf_counter() - t)
+            if isinstance(psf, str):
+                if i not in estimates:        # estimated once per image, timed for every method
+                    k = fusion_baselines.estimate_psf(lr, msi, s)
+                    estimates[i] = (np.asarray(k[0]), np.asarray(
+                        fusion_baselines.estimate_srf(lr, msi, s, k)[0]), time.perf_counter() - t)
+                psf_np, srf_i, t_est = estimates[i]
+            else:
+                psf_np, srf_i, t_est = np.asarray(true_psf if psf is None else psf), srf, 0.0
+            if i == 0:
+                fusion_bench.run_method(m, lr, msi, s, srf_i, psf_np, args).block_until_ready()
+            t = time.perf_counter()
+            pred = fusion_bench.run_method(m, lr, msi, s, srf_i, psf_np, args).block_until_ready()
+            secs.append(t_est + time.perf_counter() - t)
             for k, v in score(pred, z, s).items():
                 r[k].append(v)
             if bp:
@@ -332,6 +362,10 @@ def main(argv=None):
         raise _cli.UsageError(f"--back-projection must be >= 0, got {args.back_projection}")
     if not args.finetune_lr > 0:
         raise _cli.UsageError(f"--finetune-lr must be > 0, got {args.finetune_lr}")
+    if args.theta_steps < 0:
+        raise _cli.UsageError(f"--theta-steps must be >= 0, got {args.theta_steps}")
+    if not args.theta_lr > 0:
+        raise _cli.UsageError(f"--theta-lr must be > 0, got {args.theta_lr}")
     _cli.output_file(args.out, "--out")
     if args.figure:
         _cli.output_file(args.figure, "--figure")
@@ -389,12 +423,17 @@ def main(argv=None):
                             for m, (r, secs) in evaluate_baselines(
                                     test_pairs, blind, srf, s, args, psf=k_est).items():
                                 add(ds, (s, prot, _label(m, "DAEM-estimated PSF")), r, secs)
-                        res, secs = evaluate_daem(model, params, test_pairs, args, variant,
-                                                  record)
-                        for row, r in res.items():
-                            add(ds, (s, prot, f"DAEM {variant} PSF, {row}"), r, secs)
-                        log("  " + ", ".join(f"{row} {np.mean(r['psnr']):.2f} dB"
-                                             for row, r in res.items()))
+                        runs = [("", 0)]
+                        if args.theta_steps and variant == "estimated":
+                            runs.append((RE_EST, args.theta_steps))
+                        for suffix, steps in runs:
+                            res, secs = evaluate_daem(model, params, test_pairs, args, variant,
+                                                      record, theta_steps=steps)
+                            for row, r in res.items():
+                                add(ds, (s, prot, f"DAEM {variant} PSF{suffix}, {row}"), r,
+                                    secs)
+                            log("  " + ", ".join(f"{row}{suffix} {np.mean(r['psnr']):.2f} dB"
+                                                 for row, r in res.items()))
                     for m, (r, secs) in evaluate_baselines(test_pairs, baselines, srf, s,
                                                            args).items():
                         add(ds, (s, prot, _label(m, "true PSF")), r, secs)
@@ -402,6 +441,9 @@ def main(argv=None):
                     for m, (r, secs) in evaluate_baselines(test_pairs, blind, srf, s, args,
                                                            psf=box).items():
                         add(ds, (s, prot, _label(m, "box PSF")), r, secs)
+                    for m, (r, secs) in evaluate_baselines(test_pairs, blind, srf, s, args,
+                                                           psf="ls").items():
+                        add(ds, (s, prot, _label(m, LS_PSF)), r, secs)
     for ds, r in rows.items():
         n = sum(len(te) for _, te in folds[ds])
         for (s, prot, label), (vals, secs) in r.items():

@@ -22,6 +22,11 @@ the batch with ``jax.vmap``.
 * :func:`cnmf`: coupled non-negative matrix factorisation (Yokoya, Yairi & Iwasaki, IEEE TGRS
   2012): alternate Lee-Seung multiplicative NMF unmixing of the LR-HSI and the HR-MSI, the
   endmembers coupled through the SRF and the abundances through the PSF.
+* :func:`estimate_psf`, :func:`estimate_srf`: blind least-squares estimates of the degradation
+  from the observed pair alone (the first stage of HySure, Simoes et al., IEEE TGRS 2015, with
+  the PSF restricted to a Gaussian): the PSF that makes the degraded MSI best explained as a
+  linear function of the LR-HSI's bands, then the SRF as that linear map. They make every
+  method above blind.
 
 The spatial degradation ``S`` that GSA and CNMF need (to compare the MSI with the LR-HSI and
 to degrade HR abundances) is given by ``psf`` -- a (k, k) kernel, one (B, k, k) kernel per
@@ -47,11 +52,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxspec import physics
 
-__all__ = ["bicubic", "gsa", "lr_regression", "back_project", "cnmf", "psf_lr_center",
-           "GSA_MODES", "DEGRADATIONS"]
+__all__ = ["bicubic", "gsa", "lr_regression", "back_project", "cnmf", "estimate_psf",
+           "estimate_srf", "gaussian_kernel", "psf_lr_center", "GSA_MODES", "DEGRADATIONS"]
 
 GSA_MODES = ("grouped", "joint")
 DEGRADATIONS = ("daem", "same")
@@ -469,3 +475,112 @@ def _cnmf(lr, msi, srf, psf, delta, centers, s, m, iters, outer, degradation):
         return jnp.dot(h_m, w_h[:, :c], precision=_HI).reshape(hh, ww, c)
 
     return jax.vmap(one)(lr, msi, srf, psf, delta, centers)
+
+
+# ----------------------------------------------------------------------------- blind degradation
+def gaussian_kernel(params, size: int) -> jax.Array:
+    """A (size, size) Gaussian kernel, sum 1, centred at pixel ``size // 2`` (the DAEM kernels'
+    centre) with covariance ``L L^T``, ``L = [[exp(a), 0], [b, exp(c)]]`` for ``params = (a, b,
+    c)`` (any real values give a valid kernel). Traceable and differentiable."""
+    a, b, c = params[0], params[1], params[2]
+    l = jnp.array([[jnp.exp(a), 0.0], [b, jnp.exp(c)]])
+    prec = jnp.linalg.inv(l @ l.T)
+    d = jnp.arange(size, dtype=jnp.float32) - size // 2
+    dd = jnp.stack(jnp.meshgrid(d, d, indexing="ij"), -1)                     # (k, k, 2)
+    k = jnp.exp(-0.5 * jnp.einsum("uvi,ij,uvj->uv", dd, prec, dd))
+    return k / jnp.sum(k)
+
+
+def estimate_psf(lr_hsi, hr_msi, scale: int, *, size: int | None = None,
+                 degradation: str = "daem", steps: int = 300, step_size: float = 0.05,
+                 init_sigma: float | None = None) -> jax.Array:
+    r"""Blind least-squares PSF estimate from the observed pair alone, one kernel per image.
+
+    With :math:`X` the LR-HSI (n LR pixels x C bands) and :math:`S_K(Y)` the HR-MSI degraded by a
+    kernel :math:`K`, both LR-MSIs of the same scene agree when the SRF is (close to) a linear
+    map of the bands: :math:`X R \approx S_K(Y)` -- the consistency that HySure (Simoes et al.
+    2015) and DAEM's paper use to estimate the degradation. Eliminating :math:`R` by least
+    squares (variable projection) leaves
+
+    .. math:: K = \arg\min_K \frac{\|(I - P)\, S_K(Y)\|^2}{\|S_K(Y) - \overline{S_K(Y)}\|^2}
+
+    with :math:`P` the orthogonal projector on the span of :math:`[X, 1]` (from a QR); the
+    denominator keeps wide, flat kernels from winning by smoothing the MSI away. :math:`K` is
+    the Gaussian of :func:`gaussian_kernel` (3 parameters, centre ``size // 2``), fitted by
+    ``steps`` Adam steps of size ``step_size`` from an isotropic start of standard deviation
+    ``init_sigma`` (default ``scale / 4``). ``size`` defaults to ``scale`` under ``"daem"``
+    (DAEM's k = s) and ``2 scale + 1`` under ``"same"`` (odd). Returns (B, size, size) kernels
+    (sum 1). An estimate for data made with a Gaussian PSF; other kernels get their best
+    Gaussian fit. Needs more LR pixels than bands + 1 (checked)."""
+    lr, msi, s = _check_pair(lr_hsi, hr_msi, scale, "estimate_psf")
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"estimate_psf: degradation must be one of {DEGRADATIONS}, "
+                         f"got {degradation!r}")
+    k = (s if degradation == "daem" else 2 * s + 1) if size is None else int(size)
+    if degradation == "daem" and k < s:
+        raise ValueError(f"estimate_psf: size {k} must be >= scale {s}")
+    if degradation == "same" and k % 2 == 0:
+        raise ValueError(f"estimate_psf: degradation='same' needs an odd size, got {k}")
+    n, c = lr.shape[1] * lr.shape[2], lr.shape[3]
+    if n <= c + 1:
+        raise ValueError(f"estimate_psf: {n} LR pixels cannot separate the PSF from a linear "
+                         f"map of {c} bands (need more than {c + 1})")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"estimate_psf: steps must be an integer >= 1, got {steps!r}")
+    sigma = float(s / 4.0 if init_sigma is None else init_sigma)
+    if not sigma > 0:
+        raise ValueError(f"estimate_psf: init_sigma must be > 0, got {init_sigma!r}")
+    if not step_size > 0:
+        raise ValueError(f"estimate_psf: step_size must be > 0, got {step_size!r}")
+    return _estimate_psf(lr, msi, s, k, degradation, int(steps), float(step_size), sigma)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _estimate_psf(lr, msi, s, k, degradation, steps, step_size, sigma):
+    opt = optax.adam(step_size)
+
+    def one(x, y):
+        xf = x.reshape(-1, x.shape[-1])
+        q, _ = jnp.linalg.qr(jnp.concatenate([xf, jnp.ones((xf.shape[0], 1), xf.dtype)], 1))
+
+        def loss(p):
+            yk = _degrade(y, gaussian_kernel(p, k), s, degradation).reshape(-1, y.shape[-1])
+            res = yk - jnp.dot(q, jnp.dot(q.T, yk, precision=_HI), precision=_HI)
+            dev = yk - jnp.mean(yk, axis=0)
+            return jnp.sum(res * res) / (jnp.sum(dev * dev) + _EPS)
+
+        def body(_, carry):
+            p, st = carry
+            upd, st = opt.update(jax.grad(loss)(p), st, p)
+            return optax.apply_updates(p, upd), st
+
+        p0 = jnp.array([jnp.log(sigma), 0.0, jnp.log(sigma)], jnp.float32)
+        p, _ = jax.lax.fori_loop(0, steps, body, (p0, opt.init(p0)))
+        return gaussian_kernel(p, k)
+
+    return jax.vmap(one)(lr, msi)
+
+
+def estimate_srf(lr_hsi, hr_msi, scale: int, psf=None, *, degradation: str = "daem",
+                 ridge: float = 1e-6) -> jax.Array:
+    r"""Blind least-squares SRF estimate, one (C, K) matrix per image: the linear map ``R``
+    with :math:`[X, 1] [R; r_0] \approx S(Y)` (ridge as :func:`_lstsq`), negative weights set
+    to 0 and each column normalised to sum 1 (the SRF convention of ``physics``).
+    ``psf`` as :func:`gsa` (e.g. from :func:`estimate_psf`; ``None`` = the box). Returns
+    (B, C, K)."""
+    lr, msi, s = _check_pair(lr_hsi, hr_msi, scale, "estimate_srf")
+    p = _check_psf(psf, lr.shape[0], s, degradation, "estimate_srf")
+    return _estimate_srf(lr, msi, p, s, degradation, float(ridge))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _estimate_srf(lr, msi, psf, s, degradation, ridge):
+    def one(x, y, p):
+        c, k = x.shape[-1], y.shape[-1]
+        xf = x.reshape(-1, c)
+        design = jnp.concatenate([xf, jnp.ones((xf.shape[0], 1), xf.dtype)], 1)
+        r = _lstsq(design, _degrade(y, p, s, degradation).reshape(-1, k), ridge)[:c]
+        r = jnp.maximum(r, 0.0)
+        return r / jnp.maximum(jnp.sum(r, axis=0, keepdims=True), _EPS)
+
+    return jax.vmap(one)(lr, msi, psf)

@@ -384,6 +384,43 @@ def test_finetune_touches_only_decoders_and_resets(small):
     np.testing.assert_array_equal(np.asarray(alone[30]), np.asarray(after[30]))
 
 
+def test_reestimate_theta_finds_this_images_psf():
+    """Test-time theta (ours, [SUPP] E): Adam on the consistency term of one observed pair moves
+    the PSF from the near-delta initialisation to the pair's own kernel; only theta changes; the
+    step size acts on theta's actual values whatever ``theta_lr_scale``; ``finetune`` with
+    ``theta_steps`` fine-tunes with (and returns) the re-estimated theta."""
+    from jaxspec import physics as P
+    s = 8
+    z = np.asarray(jax.image.resize(np.random.default_rng(0).random((1, 16, 16, 31)),
+                                    (1, 128, 128, 31), "cubic")).clip(0, 1).astype(np.float32)
+    psf = np.asarray(P.daem_psf(2, s))
+    x, y = P.make_sr_pair(z, psf, s, P.get_srf("daem_nikon"), mode="daem")
+    kernels = []
+    for scale in (1.0, 10.0):
+        model = D.DAEM(scale=s, theta_lr_scale=scale)
+        params = jax.jit(model.init)(jax.random.PRNGKey(0), x, y)["params"]
+        k0 = np.asarray(model.apply({"params": params}, method=D.DAEM.psf))
+        new = D.reestimate_theta(model, params, x, y, steps=1000)
+        k1 = np.asarray(model.apply({"params": new}, method=D.DAEM.psf))
+        assert D.kernel_error(k0, psf)["l1"] > 1.5 and D.kernel_error(k1, psf)["l1"] < 0.1
+        kernels.append(k1)
+        for u, v in zip(jax.tree_util.tree_leaves(params["fusion"]),
+                        jax.tree_util.tree_leaves(new["fusion"])):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    np.testing.assert_allclose(kernels[0], kernels[1], atol=1e-3)
+    preds, tuned = D.finetune(model, params, x, y, jax.random.PRNGKey(1), record_at=(0, 5),
+                              theta_steps=1000)
+    np.testing.assert_allclose(np.asarray(model.apply({"params": tuned}, method=D.DAEM.psf)),
+                               kernels[1], atol=1e-6)
+    plain, _ = D.finetune(model, params, x, y, jax.random.PRNGKey(1), record_at=(5,))
+    assert not np.allclose(np.asarray(plain[5]), np.asarray(preds[5]))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="steps"):
+            D.reestimate_theta(model, params, x, y, steps=bad)
+    with pytest.raises(ValueError, match="lr"):
+        D.reestimate_theta(model, params, x, y, lr=0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # degradation error measures
 # ----------------------------------------------------------------------------------------------

@@ -288,3 +288,63 @@ def test_registered_baselines_on_the_daem_protocol(tmp_path):
     cfg = registry.get("gsa").config("cpu", model={"mode": "grouped", "degradation": "same"})
     with pytest.raises(ValueError, match="model.degradation"):
         tasks.resolve_config(cfg, registry.get("gsa"), 31)
+
+
+def _smooth_scene(rng, size, batch=2):
+    """A smooth random scene (every band independent): the LR-HSI spans all its bands."""
+    z = jax.image.resize(rng.random((batch, size // 4, size // 4, C)), (batch, size, size, C),
+                         "cubic")
+    return np.asarray(z).clip(0, None).astype(np.float32)
+
+
+def test_estimate_psf_recovers_the_kernel_blind():
+    """From the observed pair alone: a kernel of the Gaussian family and a DAEM protocol kernel
+    (one per image) under the DAEM operator, and an odd Gaussian under 'same'; the same under
+    jit; the SRF estimated with it is the Nikon SRF."""
+    rng = np.random.default_rng(0)
+    z = _smooth_scene(rng, H)
+    srf = P.get_srf("daem_nikon")
+    k_true = np.stack([np.asarray(F.gaussian_kernel(jnp.array([0.2, 0.5, -0.3]), S)),
+                       np.asarray(P.daem_psf(2, S))])
+    lr, msi = P.make_sr_pair(z, k_true, S, srf, mode="daem")
+    k = np.asarray(F.estimate_psf(lr, msi, S))
+    assert k.shape == (2, S, S)
+    np.testing.assert_allclose(k.sum((1, 2)), 1.0, atol=1e-5)
+    assert np.abs(k - k_true).sum((1, 2)).max() < 0.01          # L1 (2 = disjoint kernels)
+    # the box assumption is far off: the estimate is not the start
+    box = np.full((S, S), 1.0 / S ** 2)
+    assert np.abs(box - k_true).sum((1, 2)).min() > 0.15
+    k_jit = jax.jit(lambda a, b: F.estimate_psf(a, b, S))(lr, msi)
+    np.testing.assert_allclose(np.asarray(k_jit), k, atol=1e-4)
+    r = np.asarray(F.estimate_srf(lr, msi, S, k))
+    assert r.shape == (2, C, 3) and (r >= 0).all()
+    np.testing.assert_allclose(r.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(r, np.broadcast_to(np.asarray(srf), r.shape), atol=0.01)
+    # 'same' operator, odd kernel (default size 2 s + 1)
+    z2 = _smooth_scene(rng, 2 * H)
+    g = np.asarray(P.gaussian_psf(2 * S + 1, 2.0))
+    lr2, msi2 = P.make_sr_pair(z2, g, S, srf)
+    k2 = np.asarray(F.estimate_psf(lr2, msi2, S, degradation="same"))
+    assert k2.shape == (2, 2 * S + 1, 2 * S + 1)
+    assert np.abs(k2 - g).sum((1, 2)).max() < 0.01
+
+
+def test_estimate_psf_errors(scene):
+    lr, msi = scene["lr"], scene["msi"]
+    with pytest.raises(ValueError, match="LR pixels"):
+        F.estimate_psf(lr[:, :4, :4], msi[:, :4 * S, :4 * S], S)    # 16 pixels, 31 bands
+    with pytest.raises(ValueError, match="odd size"):
+        F.estimate_psf(lr, msi, S, size=8, degradation="same")
+    with pytest.raises(ValueError, match="size 2 must be >= scale"):
+        F.estimate_psf(lr, msi, S, size=2)
+    with pytest.raises(ValueError, match="degradation"):
+        F.estimate_psf(lr, msi, S, degradation="valid")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="steps"):
+            F.estimate_psf(lr, msi, S, steps=bad)
+    with pytest.raises(ValueError, match="step_size"):
+        F.estimate_psf(lr, msi, S, step_size=0.0)
+    with pytest.raises(ValueError, match="init_sigma"):
+        F.estimate_psf(lr, msi, S, init_sigma=-1.0)
+    with pytest.raises(ValueError, match="batch"):
+        F.estimate_srf(lr[:1], msi, S)

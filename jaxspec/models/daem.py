@@ -573,10 +573,49 @@ def _finetune_segment(model, params, dec, opt_state, a_lr, lr_hsi, key, t0, t1, 
     return jax.lax.fori_loop(t0, t1, body, (dec, opt_state))
 
 
+@functools.partial(jax.jit, static_argnames=("model", "steps", "lr"))
+def _reestimate_theta(model, params, lr_hsi, hr_msi, *, steps, lr):
+    opt = optax.adam(lr / model.theta_lr_scale)       # theta is stored / theta_lr_scale
+
+    def loss(theta):
+        v = {"params": {**params, "degradation": theta}}
+        return consistency_loss(lr_hsi, hr_msi, model.apply(v, method=DAEM.psf),
+                                model.apply(v, method=DAEM.srf), model.scale)
+
+    def body(_, carry):
+        theta, st = carry
+        upd, st = opt.update(jax.grad(loss)(theta), st, theta)
+        return optax.apply_updates(theta, upd), st
+
+    theta = params["degradation"]
+    theta, _ = jax.lax.fori_loop(0, steps, body, (theta, opt.init(theta)))
+    return {**params, "degradation": theta}
+
+
+def reestimate_theta(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Array, *,
+                     steps: int = 300, lr: float = 0.1) -> dict:
+    """Test-time re-estimation of the degradation (theta) on one observed pair, for PSFs that
+    change from image to image ([SUPP] E; the released code never updates theta at test time,
+    specs/daem.md §5): ``steps`` Adam steps (fresh state, step size ``lr`` on theta's actual
+    values, whatever ``theta_lr_scale``) on the paper's consistency term
+    ``mean |X R_theta - PSF_theta(Y)|`` alone, starting from the trained theta. It needs no HR
+    decode (both sides are LR-MSIs), so it is cheap; the fusion parameters are untouched.
+    Returns the parameters with the new theta."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"reestimate_theta: steps must be an integer >= 1, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"reestimate_theta: lr must be > 0, got {lr!r}")
+    lr_hsi = jnp.asarray(lr_hsi, jnp.float32)
+    hr_msi = jnp.asarray(hr_msi, jnp.float32)
+    model.apply({"params": params}, lr_hsi, hr_msi)           # shape checks
+    return _reestimate_theta(model, params, lr_hsi, hr_msi, steps=steps, lr=float(lr))
+
+
 def finetune(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Array, key: Array,
              *, record_at: Sequence[int] = (0, 200, 500), eval_every: int = 20, lr: float = 1e-3,
              milestones: Sequence[int] = (250, 450, 650, 850, 1050), gamma: float = 0.5,
-             beta: float = 0.5, kernel: Array | None = None) -> tuple[dict[int, Array], dict]:
+             beta: float = 0.5, kernel: Array | None = None, theta_steps: int = 0,
+             theta_lr: float = 0.1) -> tuple[dict[int, Array], dict]:
     """Per-image partial fine-tuning of the released code (``demo_cave.test`` /
     ``model.test_incremental``), one image pair (1, h, w, C) / (1, H, W, b):
 
@@ -588,12 +627,16 @@ def finetune(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Arra
 
     ``record_at``: iteration counts at which the HR prediction ``mean(Dec(Enc(Y)))`` is taken
     (200 is the authors' reported row; 500 = after the full loop). ``kernel`` replaces the
-    estimated PSF in ``A_lr`` (e.g. the true PSF). Returns
-    ``({t: prediction}, fine-tuned params)``; ``params`` itself is never modified, so every image
-    starts from the same weights."""
+    estimated PSF in ``A_lr`` (e.g. the true PSF). ``theta_steps`` > 0 (ours; 0 = the code)
+    first re-estimates theta on this pair (:func:`reestimate_theta`, step size ``theta_lr``), so
+    ``A_lr`` -- and the model's back-projection, when on -- use this image's PSF. Returns
+    ``({t: prediction}, fine-tuned params)`` (with the re-estimated theta); ``params`` itself is
+    never modified, so every image starts from the same weights."""
     lr_hsi = jnp.asarray(lr_hsi, jnp.float32)
     hr_msi = jnp.asarray(hr_msi, jnp.float32)
     model.apply({"params": params}, lr_hsi, hr_msi)           # shape checks
+    if theta_steps:
+        params = reestimate_theta(model, params, lr_hsi, hr_msi, steps=theta_steps, lr=theta_lr)
     variables = {"params": params}
     y_lr = (model.apply(variables, hr_msi, method=DAEM.spatial_degrade) if kernel is None
             else psf_degrade(hr_msi, kernel, model.scale))
