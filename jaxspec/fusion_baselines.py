@@ -239,6 +239,16 @@ def _lstsq(a, b, ridge: float = 1e-6):
     return jax.scipy.linalg.solve_triangular(r, jnp.dot(q.T, rhs, precision=_HI), lower=False)
 
 
+def _with_ones(a):
+    return jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], 1)
+
+
+def _affine_lstsq(a, b, ridge: float = 1e-6):
+    """``[W; w0] = argmin |[a, 1] [W; w0] - b|^2`` (+ the ridge of :func:`_lstsq`): (F + 1, O)
+    for ``a`` (n, F) and ``b`` (n, O)."""
+    return _lstsq(_with_ones(a), b, ridge)
+
+
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _gsa(lr, msi, psf, centers, s, mode, degradation):
     def one(x, y, p, center):
@@ -295,9 +305,8 @@ def lr_regression(lr_hsi, hr_msi, scale: int, psf=None, *, degradation: str = "d
 def _lr_regression(lr, msi, psf, s, degradation, ridge):
     def one(x, y, p):
         c, k = x.shape[-1], y.shape[-1]
-        y_lr = _degrade(y, p, s, degradation).reshape(-1, k)
-        design = jnp.concatenate([y_lr, jnp.ones((y_lr.shape[0], 1), y_lr.dtype)], 1)
-        w = _lstsq(design, x.reshape(-1, c), ridge)                           # (K + 1, C)
+        w = _affine_lstsq(_degrade(y, p, s, degradation).reshape(-1, k), x.reshape(-1, c),
+                          ridge)                                              # (K + 1, C)
         return (jnp.dot(y, w[:k], precision=_HI) + w[k]).astype(jnp.float32)
 
     return jax.vmap(one)(lr, msi, psf)
@@ -541,7 +550,7 @@ def _estimate_psf(lr, msi, s, k, degradation, steps, step_size, sigma):
 
     def one(x, y):
         xf = x.reshape(-1, x.shape[-1])
-        q, _ = jnp.linalg.qr(jnp.concatenate([xf, jnp.ones((xf.shape[0], 1), xf.dtype)], 1))
+        q, _ = jnp.linalg.qr(_with_ones(xf))
 
         def loss(p):
             yk = _degrade(y, gaussian_kernel(p, k), s, degradation).reshape(-1, y.shape[-1])
@@ -577,9 +586,8 @@ def estimate_srf(lr_hsi, hr_msi, scale: int, psf=None, *, degradation: str = "da
 def _estimate_srf(lr, msi, psf, s, degradation, ridge):
     def one(x, y, p):
         c, k = x.shape[-1], y.shape[-1]
-        xf = x.reshape(-1, c)
-        design = jnp.concatenate([xf, jnp.ones((xf.shape[0], 1), xf.dtype)], 1)
-        r = _lstsq(design, _degrade(y, p, s, degradation).reshape(-1, k), ridge)[:c]
+        r = _affine_lstsq(x.reshape(-1, c), _degrade(y, p, s, degradation).reshape(-1, k),
+                          ridge)[:c]
         r = jnp.maximum(r, 0.0)
         return r / jnp.maximum(jnp.sum(r, axis=0, keepdims=True), _EPS)
 
