@@ -601,14 +601,14 @@ def reestimate_theta(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_m
     ``mean |X R_theta - PSF_theta(Y)|`` alone, starting from the trained theta. It needs no HR
     decode (both sides are LR-MSIs), so it is cheap; the fusion parameters are untouched.
     Returns the parameters with the new theta."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"reestimate_theta: steps must be an integer >= 1, got {steps!r}")
     if not lr > 0:
         raise ValueError(f"reestimate_theta: lr must be > 0, got {lr!r}")
     lr_hsi = jnp.asarray(lr_hsi, jnp.float32)
     hr_msi = jnp.asarray(hr_msi, jnp.float32)
     model.apply({"params": params}, lr_hsi, hr_msi)           # shape checks
-    return _reestimate_theta(model, params, lr_hsi, hr_msi, steps=steps, lr=float(lr))
+    return _reestimate_theta(model, params, lr_hsi, hr_msi, steps=int(steps), lr=float(lr))
 
 
 def finetune(model: DAEM, params: Mapping[str, Any], lr_hsi: Array, hr_msi: Array, key: Array,
