@@ -252,11 +252,18 @@ def _label(method: str, psf: str) -> str:
 def evaluate_baselines(pairs, methods, srf, s, args, psf=None):
     """{method: (scores, seconds)}; ``psf`` None: each image's true PSF (the oracle rows);
     ``"ls"``: each image's blind least-squares estimates (``fusion_baselines.estimate_psf`` and,
-    for CNMF, ``estimate_srf``; their time is counted); else this (s, s) kernel for every image
+    for CNMF, ``estimate_srf``; their time is counted; no rows when the images have too few LR
+    pixels for the estimate, e.g. 3 x 3 at x32 on 96 x 96 scenes); else this (s, s) kernel for every image
     (the box for the blind rows, DAEM's estimate). With ``--back-projection``, ``lr_regression``
     also gives ``"lr_regression + back-projection"`` (the same PSF in both steps)."""
     res = {}
     estimates = {}
+    if isinstance(psf, str):
+        n_px, bands = min(p[2].shape[1] * p[2].shape[2] for p in pairs), pairs[0][2].shape[-1]
+        if n_px <= bands + 1:             # estimate_psf's identifiability limit: no such rows
+            print(f"  LS-estimated rows skipped at x{s}: {n_px} LR pixels per image cannot "
+                  f"separate the PSF from a linear map of {bands} bands", file=sys.stderr)
+            return res
     for m in methods:
         bp = m == "lr_regression" and args.back_projection
         r = {k: [] for k in METRICS}

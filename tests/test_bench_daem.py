@@ -55,3 +55,18 @@ def test_blind_least_squares_rows_match_the_oracle(bd):
         np.testing.assert_allclose(scores["psnr"], oracle[m][0]["psnr"], atol=0.1)
     bp = "lr_regression" + bd.BP
     assert np.mean(blind[bp][0]["psnr"]) > np.mean(box[bp][0]["psnr"]) + 3
+
+
+def test_least_squares_rows_skipped_when_the_psf_is_not_identifiable(bd, capsys):
+    """96 x 96 scenes at x32 leave 3 x 3 LR pixels, fewer than the 31 bands + 1 that the
+    least-squares PSF needs: no LS-estimated rows (and a message), the other rows still run."""
+    from jaxspec import physics
+    rng = np.random.default_rng(0)
+    cubes = [("s0", rng.random((96, 96, 31)).astype(np.float32))]
+    srf = physics.get_srf("daem_nikon")
+    pairs = bd.make_pairs(cubes, 32, "consistent", srf)
+    args = bd.parse_args([])
+    assert bd.evaluate_baselines(pairs, ["lr_regression"], srf, 32, args, psf="ls") == {}
+    assert "LS-estimated rows skipped at x32: 9 LR pixels" in capsys.readouterr().err
+    assert set(bd.evaluate_baselines(pairs, ["lr_regression"], srf, 32, args)) == {
+        "lr_regression", "lr_regression" + bd.BP}
