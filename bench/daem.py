@@ -99,7 +99,8 @@ def parse_args(argv=None):
                    help="also evaluate DAEM with theta re-estimated on each test pair first "
                         "(daem.reestimate_theta: Adam on the consistency term; ours; 0 = only "
                         "the code's fixed theta)")
-    p.add_argument("--theta-lr", type=float, default=0.1)
+    p.add_argument("--theta-lr", type=float, default=0.1,
+                   help="Adam step of the per-image theta re-estimation (on theta's values)")
     p.add_argument("--back-projection", type=int, default=5,
                    help="iterations of back-projection for the '+ back-projection' rows of DAEM "
                         "and lr_regression (0: no such rows)")
@@ -253,9 +254,10 @@ def evaluate_baselines(pairs, methods, srf, s, args, psf=None):
     """{method: (scores, seconds)}; ``psf`` None: each image's true PSF (the oracle rows);
     ``"ls"``: each image's blind least-squares estimates (``fusion_baselines.estimate_psf`` and,
     for CNMF, ``estimate_srf``; their time is counted; no rows when the images have too few LR
-    pixels for the estimate, e.g. 3 x 3 at x32 on 96 x 96 scenes); else this (s, s) kernel for every image
-    (the box for the blind rows, DAEM's estimate). With ``--back-projection``, ``lr_regression``
-    also gives ``"lr_regression + back-projection"`` (the same PSF in both steps)."""
+    pixels for the estimate, e.g. 3 x 3 at x32 on 96 x 96 scenes); else this (s, s) kernel for
+    every image (the box for the blind rows, DAEM's estimate). With ``--back-projection``,
+    ``lr_regression`` also gives ``"lr_regression + back-projection"`` (the same PSF in both
+    steps)."""
     res = {}
     estimates = {}
     if isinstance(psf, str):
